@@ -1,0 +1,113 @@
+"""The Llama 2 chat format (SPEC §4): the only place in the project that knows `[INST]` and `<<SYS>>`.
+
+Prompts are built segment by segment exactly like Meta's `chat_completion`: each completed
+(user, assistant) pair is encoded on its own with BOS and EOS, the last user turn with BOS only. Training
+labels come from the same segments, so prompt ids and training ids can never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypedDict
+
+from llama2.tokenizer.tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = Sequence[Message]
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+IGNORE_INDEX = -100
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false information."
+)
+
+
+class DialogError(ValueError):
+    """A dialog that the chat format cannot encode (wrong roles, empty, special tags)."""
+
+
+def has_special_tags(dialog: Dialog) -> bool:
+    return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
+
+
+def _validate(dialog: Dialog, must_end_with: Role) -> list[Message]:
+    if not isinstance(dialog, Sequence) or isinstance(dialog, str) or len(dialog) == 0:
+        raise DialogError("a dialog must be a non-empty list of {'role', 'content'} messages")
+    for i, msg in enumerate(dialog):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise DialogError(f"message {i}: expected a dict with 'role' and 'content', got {msg!r}")
+        if msg["role"] not in ("system", "user", "assistant"):
+            raise DialogError(f"message {i}: unknown role {msg['role']!r} (expected system, user or assistant)")
+        if not isinstance(msg["content"], str):
+            raise DialogError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
+    if has_special_tags(dialog):
+        raise DialogError(UNSAFE_ERROR)
+    messages = list(dialog)
+    if messages[0]["role"] == "system":
+        if len(messages) < 2:
+            raise DialogError("a dialog with a system message needs a user message after it")
+        merged = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
+        messages = [{"role": messages[1]["role"], "content": merged}] + messages[2:]
+    for i, msg in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise DialogError(
+                f"roles must alternate user/assistant/user/... after an optional system message; "
+                f"turn {i} is {msg['role']!r}, expected {expected!r}"
+            )
+    if messages[-1]["role"] != must_end_with:
+        raise DialogError(f"the dialog must end with a {must_end_with} message, not {messages[-1]['role']!r}")
+    return messages
+
+
+def _user_text(content: str) -> str:
+    return f"{B_INST} {content.strip()} {E_INST}"
+
+
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """Prompt ids for a dialog that ends with a user turn, identical to Meta's `chat_completion`."""
+    messages = _validate(dialog, must_end_with="user")
+    ids: list[int] = []
+    for user, answer in zip(messages[:-1:2], messages[1::2], strict=True):
+        ids += tokenizer.encode(f"{_user_text(user['content'])} {answer['content'].strip()} ", bos=True, eos=True)
+    ids += tokenizer.encode(_user_text(messages[-1]["content"]), bos=True, eos=False)
+    return ids
+
+
+def encode_dialog_for_training(
+    tokenizer: Tokenizer, dialog: Dialog, train_on: Literal["all", "last"] = "all"
+) -> tuple[list[int], list[int]]:
+    """`(ids, labels)` for a dialog that ends with an assistant turn.
+
+    Each turn is `<s>[INST] user [/INST]` (labels -100) followed by `answer </s>` (labels = ids), the
+    llama-recipes construction. With `train_on="last"` (Ghost Attention) every earlier assistant turn is
+    masked too. The concatenated ids equal `encode_dialog` on the dialog's prefixes, turn by turn.
+    """
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    messages = _validate(dialog, must_end_with="assistant")
+    ids: list[int] = []
+    labels: list[int] = []
+    pairs = list(zip(messages[::2], messages[1::2], strict=True))
+    for turn, (user, answer) in enumerate(pairs):
+        prompt = tokenizer.encode(_user_text(user["content"]), bos=True, eos=False)
+        reply = tokenizer.encode(f"{answer['content'].strip()} ", bos=False, eos=True)
+        trained = train_on == "all" or turn == len(pairs) - 1
+        ids += prompt + reply
+        labels += [IGNORE_INDEX] * len(prompt) + (reply if trained else [IGNORE_INDEX] * len(reply))
+    return ids, labels
