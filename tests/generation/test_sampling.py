@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from llama2.generation.sampling import next_token, sample_top_p
+
+
+def test_greedy_at_temperature_zero():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 4.9]])
+    assert next_token(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_top_p_keeps_the_smallest_set_above_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_top_p(probs, 0.7, gen)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so the second token is needed, the third is not
+    assert {int(sample_top_p(probs, 0.4, gen)) for _ in range(50)} == {0}
+
+
+def test_top_k_and_seeded_sampling_are_reproducible():
+    logits = torch.randn(4, 50)
+    a = next_token(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    b = next_token(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top3 = logits.topk(3).indices
+    assert all(int(a[i]) in top3[i].tolist() for i in range(4))
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(-1.0, 0.9), (1.0, 0.0), (1.0, 1.5)])
+def test_invalid_sampling_settings(temperature, top_p):
+    with pytest.raises(ValueError):
+        next_token(torch.randn(1, 5), temperature, top_p)
