@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "llama2.generation.commands",
+    "llama2.serving.commands",
     "llama2.tokenizer.commands",
 ]
 
