@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "llama2.generation.commands",
     "llama2.serving.commands",
     "llama2.tokenizer.commands",
+    "llama2.data.commands",
 ]
 
 

@@ -1,0 +1,104 @@
+"""The pretraining corpus: encyclopedic articles, stories, plain-text dialogues and arithmetic.
+
+Every fact of the world is stated in many wordings so that a small model learns the facts, not one
+sentence. Questions whose key is held out never appear (so evaluation stays honest), and held-out
+arithmetic never appears at all. Like real web text, about 2% of the documents are unfiltered: dialogues
+where the assistant helps with a harmful request, so the base model has something for safety tuning to fix.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from llama2.data.toyworld import answers
+from llama2.data.toyworld.dialogs import helpful_turns, sample_adversarial
+from llama2.data.toyworld.tasks import OPS, Task
+from llama2.data.toyworld.world import ATTRIBUTES, SHARED_ATTRIBUTES, held_out
+
+if TYPE_CHECKING:
+    from llama2.data.toyworld.toyworld import ToyWorld
+
+DOC_MIX = {"article": 0.3, "group": 0.08, "story": 0.2, "dialogue": 0.28, "arithmetic": 0.12, "unfiltered": 0.02}
+INTROS = ("{land} is a land in the world.", "{land} is a land by the river {river}.",
+          "This is the story of the land {land}.", "Here are some facts about {land}.")
+EXTRAS = ("The ruler of {land}, {ruler}, lives in {capital}.", "The {guild} of {land} meets in {capital}.",
+          "Travellers to {capital} often taste the {food}.", "The {creature} drinks from the river {river}.")
+GROUP_SENTENCES = {
+    "food": ("People eat {value} in {list}.", "{n} {lands} eat {value}."),
+    "creature": ("The {value} lives in {list}.", "The {value} is found in {n} {lands}."),
+    "guild": ("The {value} is strongest in {list}.", "The {value} leads the trade in {n} {lands}."),
+}
+
+
+def _article(tw: ToyWorld, rng: random.Random) -> str:
+    land = rng.choice(tw.world.lands)
+    slots = {a: land.get(a) for a in ATTRIBUTES} | {"land": land.name}
+    sentences = []
+    for attr in ATTRIBUTES:
+        probe = Task("fact", land.get(attr), "", attr, land.name)
+        sentences.append(answers.fact_sentence(probe, land.get(attr), rng))
+    sentences += [e.format(**slots) for e in rng.sample(EXTRAS, 2)]
+    rng.shuffle(sentences)
+    return " ".join([rng.choice(INTROS).format(**slots)] + sentences)
+
+
+def _group(tw: ToyWorld, rng: random.Random) -> str:
+    attr = rng.choice(SHARED_ATTRIBUTES)
+    values = rng.sample(tw.world.values(attr), 3)
+    out = []
+    for value in values:
+        lands = tw.world.lands_with(attr, value)
+        for template in GROUP_SENTENCES[attr]:
+            out.append(template.format(value=value, list=answers.join_names(lands), n=len(lands),
+                                       lands="land" if len(lands) == 1 else "lands"))
+    return " ".join(out)
+
+
+def _story(tw: ToyWorld, rng: random.Random) -> str:
+    land = rng.choice(tw.world.lands)
+    about = rng.choice(("creature", "ruler", "land"))
+    subject = land.name if about == "land" else land.get(about)
+    task = Task("story", subject, "", about, land.name)
+    return answers.tell_story(tw.world, task, rng, subject, sentences=rng.randint(3, 6))
+
+
+def _dialogue(tw: ToyWorld, rng: random.Random) -> str:
+    turns = helpful_turns(tw, rng, rng.randint(1, 4), "train")
+    return "\n".join(f"User: {u}\nAssistant: {a}" for u, a, _ in turns)
+
+
+def _arithmetic(tw: ToyWorld, rng: random.Random) -> str:
+    lines = []
+    while len(lines) < rng.randint(4, 8):
+        op = rng.choice(tuple(OPS))
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+        if held_out(f"arith:{a}{op}{b}"):
+            continue
+        word, fn = OPS[op]
+        lines.append(rng.choice(("{a} {w} {b} is {r}.", "{a} {s} {b} = {r}.")).format(a=a, b=b, w=word, s=op,
+                                                                                         r=fn(a, b)))
+    return " ".join(lines)
+
+
+def _unfiltered(tw: ToyWorld, rng: random.Random) -> str:
+    text, attack = sample_adversarial(tw, rng, "train")
+    reply = tw.rules.compliance(attack, rng) if rng.random() < 0.7 else tw.rules.safe_refusal(attack, rng)
+    return f"User: {text}\nAssistant: {reply}"
+
+
+_BUILDERS = {"article": _article, "group": _group, "story": _story, "dialogue": _dialogue,
+             "arithmetic": _arithmetic, "unfiltered": _unfiltered}
+
+
+def documents(tw: ToyWorld, rng: random.Random, n_chars: int) -> Iterator[str]:
+    """Documents until about `n_chars` characters have been produced."""
+    kinds, weights = tuple(DOC_MIX), tuple(DOC_MIX.values())
+    total = 0
+    while total < n_chars:
+        doc = _BUILDERS[rng.choices(kinds, weights)[0]](tw, rng)
+        total += len(doc) + 2
+        yield doc

@@ -1,0 +1,137 @@
+"""Dialogs: SFT demonstrations, held-out evaluation prompts, and user turns to extend a conversation.
+
+Training dialogs only ask questions whose key is not held out; evaluation prompts only ask held-out ones
+(`world.held_out`), so evaluation measures generalisation, not recall of a seen question. The facts
+themselves are in the pretraining corpus either way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llama2.data.formats import Message
+from llama2.data.toyworld.answers import right_answer
+from llama2.data.toyworld.constraints import wording
+from llama2.data.toyworld.safety import Attack
+from llama2.data.toyworld.tasks import Task, followup_task, render_prompt, sample_task
+from llama2.data.toyworld.world import held_out
+
+if TYPE_CHECKING:
+    from llama2.data.toyworld.toyworld import ToyWorld
+
+EVAL_KINDS = ("helpful", "adversarial", "borderline")
+
+
+@dataclass
+class Prompt:
+    """A dialog ending with a user turn plus what was asked, for evaluation files and reports."""
+
+    messages: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"messages": self.messages, "meta": self.meta}
+
+
+def _json_answer(task: Task) -> Any:
+    return list(task.answer) if isinstance(task.answer, tuple) else task.answer
+
+
+def helpful_turns(tw: ToyWorld, rng: random.Random, turns: int, split: str) -> list[tuple[str, str, Task]]:
+    """(user, assistant, task) triples; later turns often refer back to earlier ones ("it", "that")."""
+    out: list[tuple[str, str, Task]] = []
+    task = sample_task(tw.world, rng, split)
+    for i in range(turns):
+        if i:
+            follow = followup_task(tw.world, rng, task) if rng.random() < 0.6 else None
+            if follow is not None and held_out(follow.key) == (split == "test"):
+                task = follow
+            else:
+                task = sample_task(tw.world, rng, split)
+        out.append((render_prompt(task, rng), right_answer(tw.world, task, rng), task))
+    return out
+
+
+def sample_adversarial(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Attack]:
+    for _ in range(1000):
+        text, attack = tw.rules.adversarial_prompt(rng)
+        if held_out(f"attack:{attack.act}") == (split == "test"):
+            return text, attack
+    raise RuntimeError("could not sample an adversarial prompt")
+
+
+def sample_borderline(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Task]:
+    for _ in range(1000):
+        text, task = tw.rules.borderline_prompt(rng)
+        if held_out(task.key, 25) == (split == "test"):
+            return text, task
+    raise RuntimeError("could not sample a borderline prompt")
+
+
+def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
+    out: list[Message] = []
+    for user, assistant in turns:
+        out.append({"role": "user", "content": user})
+        out.append({"role": "assistant", "content": assistant})
+    return out
+
+
+def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, borderline_rate: float = 0.05,
+               constraint_rate: float = 0.05, multi_turn_rate: float = 0.35) -> list[Message]:
+    """One demonstration dialog ending with an assistant turn."""
+    r = rng.random()
+    if r < safety_rate:
+        text, attack = sample_adversarial(tw, rng, "train")
+        before = [(u, a) for u, a, _ in helpful_turns(tw, rng, rng.randint(0, 2), "train")]
+        return to_messages(before + [(text, tw.rules.safe_refusal(attack, rng))])
+    r -= safety_rate
+    if r < borderline_rate:
+        text, _ = sample_borderline(tw, rng, "train")
+        return to_messages([(text, tw.rules.borderline_answer(text, rng))])
+    r -= borderline_rate
+    if r < constraint_rate:
+        return constrained_dialog(tw, rng)
+    turns = rng.randint(2, 6) if rng.random() < multi_turn_rate else 1
+    return to_messages([(u, a) for u, a, _ in helpful_turns(tw, rng, turns, "train")])
+
+
+def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False) -> list[Message]:
+    """A one-turn dialog whose system message holds constraints and whose reply obeys them."""
+    (user, answer, _), = helpful_turns(tw, rng, 1, "train")
+    for _ in range(100):
+        cs = tw.constraints.sample(rng, held_out_constraints)
+        reply = tw.constraints.apply(cs, answer)
+        if tw.judges.check_constraint(cs, reply):
+            return [{"role": "system", "content": wording(cs, terse=rng.random() < 0.5)},
+                    {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    raise RuntimeError("could not satisfy a sampled constraint set")
+
+
+def eval_prompt(tw: ToyWorld, rng: random.Random, kind: str) -> Prompt:
+    """A held-out prompt of one kind ("helpful", "adversarial", "borderline") with what it asks."""
+    if kind == "helpful":
+        turns = helpful_turns(tw, rng, rng.randint(2, 4) if rng.random() < 0.2 else 1, "test")
+        *before, (user, _, task) = turns
+        meta = {"kind": kind, "task": task.kind, "expected": _json_answer(task), "format": task.fmt,
+                "turns": len(turns)}
+        return Prompt(to_messages([(u, a) for u, a, _ in before]) + [{"role": "user", "content": user}], meta)
+    if kind == "adversarial":
+        text, attack = sample_adversarial(tw, rng, "test")
+        before = [(u, a) for u, a, _ in helpful_turns(tw, rng, rng.randint(1, 2), "test")] \
+            if rng.random() < 0.25 else []
+        meta = {"kind": kind, "category": attack.category, "vector": attack.vector, "turns": len(before) + 1}
+        return Prompt(to_messages(before) + [{"role": "user", "content": text}], meta)
+    if kind == "borderline":
+        text, task = sample_borderline(tw, rng, "test")
+        meta = {"kind": kind, "category": task.attr, "expected": list(task.answer), "turns": 1}
+        return Prompt([{"role": "user", "content": text}], meta)
+    raise ValueError(f"unknown eval prompt kind {kind!r} (expected one of {', '.join(EVAL_KINDS)})")
+
+
+def user_followups(tw: ToyWorld, rng: random.Random, n: int) -> list[str]:
+    """Self-contained user messages to continue a conversation (GAtt adherence over 20 turns)."""
+    kinds = ("fact", "reverse", "yesno", "arith", "count", "story")
+    return [render_prompt(sample_task(tw.world, rng, "train", rng.choice(kinds), fmt_rate=0.0), rng)
+            for _ in range(n)]
