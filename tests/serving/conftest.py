@@ -21,6 +21,8 @@ CORPUS = [
 
 def build_tiny_checkpoint(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """Train a 320-piece tokenizer and save a 2-layer GQA model with random weights as a HF directory."""
+    import torch
+
     from llama2 import ModelArgs, Transformer
     from llama2.model.checkpoint import save_hf
     from llama2.tokenizer.train import train_tokenizer
@@ -32,6 +34,9 @@ def build_tiny_checkpoint(root: Path, seed: int = 0, max_seq_len: int = 256) -> 
                      max_seq_len=max_seq_len, init_std=0.08)
     model = Transformer(args)
     model.init_weights(seed)
+    with torch.no_grad():  # never prefer <unk> or byte pieces: replies become word salad, not control bytes
+        model.output.weight[0] = 0
+        model.output.weight[3:259] = 0
     return save_hf(model, root / "model", tokenizer_model=tokenizer)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 
@@ -57,3 +58,21 @@ def test_sixteen_concurrent_greedy_clients_match_single_requests(live_server):
     assert all(singles), "every client should get a non-empty reply"
     assert engine.max_rows_seen >= CLIENTS // 2, "concurrent requests should share decode steps"
     assert concurrent_steps * 3 < sequential_steps, (concurrent_steps, sequential_steps)
+
+
+def test_client_disconnect_frees_the_batch_row(live_server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 1.0,
+            "max_tokens": 200, "stream": True, "seed": 1}
+    engine = live_server.state.engine
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as client:
+        whole = client.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        assert whole["usage"]["completion_tokens"] == 200, "pick a seed whose reply runs to max_tokens"
+        steps = engine.steps
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the opening role chunk; now walk away mid-reply
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["running"]:
+            assert time.monotonic() < deadline, "the cancelled sequence is still running"
+            time.sleep(0.02)
+        assert engine.steps - steps < 100, "generation went on after the client left"

@@ -107,6 +107,16 @@ class Engine:
 
     # --- public, called from other threads ------------------------------------------------------------
 
+    @property
+    def running(self) -> int:
+        """Sequences in the batch now."""
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a free batch row."""
+        return len(self._pending)
+
     def start(self) -> Engine:
         self._thread.start()
         return self

@@ -64,7 +64,8 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": state.model_name}
+        return {"status": "ok", "model": state.model_name, "running": state.engine.running,
+                "waiting": state.engine.waiting}
 
     return app
 
