@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks, run side by side with peers on this machine (`make bench`)."""

@@ -1,0 +1,97 @@
+"""Decoding and a training step on llama2.c's 15M "stories" shape, ours against `transformers`, fp32 CPU.
+
+    python -m benchmarks.foundation_cpu
+
+Batch-1 greedy decoding of 128 new tokens (our KV-cache generator vs `LlamaForCausalLM.generate`), and one
+AdamW training step on a batch of 8 x 256 tokens through the same loop for both models. Same weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import best_time, machine, markdown_table
+from llama2 import ModelArgs, Transformer
+from llama2.generation.generator import generate
+from llama2.model.checkpoint import save_hf
+
+NEW_TOKENS = 128
+
+
+def _models():
+    from transformers import LlamaForCausalLM
+
+    args = ModelArgs.from_preset("stories15M", vocab_size=32000)
+    ours = Transformer(args)
+    ours.init_weights(seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(ours, tmp)
+        theirs = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    return ours, theirs
+
+
+def _decode_rows(ours, theirs) -> list[dict]:
+    ours.eval()
+    theirs.eval()
+    prompt = [1, 450, 4799, 471]
+    ids = torch.tensor([prompt])
+
+    def run_ours():
+        out = generate(ours, [prompt], NEW_TOKENS, stop_ids=[], temperature=0)
+        assert len(out.tokens[0]) == NEW_TOKENS
+
+    def run_theirs():
+        with torch.inference_mode():
+            out = theirs.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                  pad_token_id=0)
+        assert out.shape[1] == len(prompt) + NEW_TOKENS
+
+    t_ours, t_theirs = best_time(run_ours, repeats=5), best_time(run_theirs, repeats=5)
+    return [
+        {"benchmark": "decode batch 1, 128 tokens", "impl": "llama2", "tokens/s": NEW_TOKENS / t_ours,
+         "speedup": t_theirs / t_ours},
+        {"benchmark": "decode batch 1, 128 tokens", "impl": "transformers", "tokens/s": NEW_TOKENS / t_theirs,
+         "speedup": 1.0},
+    ]
+
+
+def _train_rows(ours, theirs) -> list[dict]:
+    batch = torch.randint(0, 32000, (8, 257), generator=torch.Generator().manual_seed(0))
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step_fn(model, logits_of):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+
+        def step():
+            loss = F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    t_ours = best_time(step_fn(ours, lambda m, t: m(t)), repeats=5, warmup=2)
+    t_theirs = best_time(step_fn(theirs, lambda m, t: m(t).logits.float()), repeats=5, warmup=2)
+    tokens = x.numel()
+    return [
+        {"benchmark": "train step 8 x 256, AdamW", "impl": "llama2", "tokens/s": tokens / t_ours,
+         "speedup": t_theirs / t_ours},
+        {"benchmark": "train step 8 x 256, AdamW", "impl": "transformers", "tokens/s": tokens / t_theirs,
+         "speedup": 1.0},
+    ]
+
+
+def run() -> list[dict]:
+    torch.manual_seed(0)
+    ours, theirs = _models()
+    return _decode_rows(ours, theirs) + _train_rows(ours, theirs)
+
+
+if __name__ == "__main__":
+    print(f"machine: {machine()}")
+    print(markdown_table(run()))
