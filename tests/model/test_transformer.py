@@ -97,3 +97,16 @@ def test_logits_match_transformers_both_directions(tmp_path, n_kv_heads):
     assert loaded.args.hidden_dim == 96
     with torch.no_grad():
         assert (loaded(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_static_shape_decoding_equals_the_dynamic_path():
+    model = Transformer(tiny_args(2))
+    model.init_weights(seed=4)
+    tokens = torch.randint(0, 97, (3, 16))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(3, 32)
+        steps = [model(tokens[:, :5], start_pos=0)]
+        steps += [model(tokens[:, t : t + 1], start_pos=torch.tensor(t)) for t in range(5, 16)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.sampling import next_token
 from llama2.model.transformer import Transformer
 
@@ -51,7 +52,10 @@ def generate(
     logprobs: bool = False,
     echo: bool = False,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> GenerationOutput:
+    """Generate for a batch of ragged prompts. `cuda_graph` (default: on for CUDA models in eval mode)
+    replays each decoding step from a captured graph; the tokens are the same either way."""
     args = model.args
     _validate_prompts(prompts, args.vocab_size, args.max_seq_len)
     if max_gen_len < 1:
@@ -70,11 +74,18 @@ def generate(
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
-    model.setup_cache(bsz, total_len)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and not model.training
+    step = graphed_step(model, bsz, total_len) if cuda_graph else None
+    if step is None:
+        model.setup_cache(bsz, total_len)
     try:
         prev_pos = 0
         for cur_pos in range(min_len, total_len):
-            logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)  # (B, T, V)
+            if step is not None and cur_pos - prev_pos == 1:
+                logits = step(tokens[:, prev_pos:cur_pos], prev_pos)
+            else:
+                logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)  # (B, T, V)
             nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
             nxt = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], nxt)
             tokens[:, cur_pos] = nxt
@@ -87,7 +98,8 @@ def generate(
             if bool(done.all()):
                 break
     finally:
-        model.clear_cache()
+        if step is None:
+            model.clear_cache()
 
     out_tokens, out_logprobs = [], []
     rows = tokens[:, : prev_pos + 1].tolist()

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start_pos: int | None,
+        start_pos: int | torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -72,7 +72,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         is_causal = mask is None and seqlen > 1
-        if start_pos is not None:
+        if isinstance(start_pos, torch.Tensor):
+            # Static-shape decoding (CUDA-graph friendly): write at tensor positions, attend over the whole
+            # cache with everything after the current position masked out.
+            positions = start_pos + torch.arange(seqlen, device=x.device)  # (T,)
+            self.cache_k[:bsz].index_copy_(2, positions, k)
+            self.cache_v[:bsz].index_copy_(2, positions, v)
+            k, v = self.cache_k[:bsz], self.cache_v[:bsz]  # (B, Hkv, S, hd)
+            mask = torch.arange(k.shape[2], device=x.device) <= positions[:, None]  # (T, S)
+            is_causal = False
+        elif start_pos is not None:
             # Incremental decoding: write this chunk into the cache and attend over everything so far.
             end = start_pos + seqlen
             self.cache_k[:bsz, :, start_pos:end] = k
@@ -120,7 +129,9 @@ class Transformer(nn.Module):
 
     `start_pos=None` is the training path (full causal attention, no cache). With an integer `start_pos`
     the tokens are positions `start_pos…start_pos+T-1` of sequences whose earlier keys/values are in the
-    KV cache, which is allocated on first use for the batch size (see `setup_cache`).
+    KV cache, which is allocated on first use for the batch size (see `setup_cache`). A 0-d tensor
+    `start_pos` does the same with shapes that never change from step to step (attention over the whole
+    preallocated cache, later positions masked), so one decoding step can be captured in a CUDA graph.
     `mask` is an optional boolean attention mask (B or 1, 1, T, S), True where attention is allowed, used
     for block-diagonal attention between packed documents.
     """
@@ -176,25 +187,29 @@ class Transformer(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
     def hidden_states(
-        self, tokens: torch.Tensor, start_pos: int | None = None, mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim): the trunk shared by the LM head and the scalar heads."""
         bsz, seqlen = tokens.shape
-        offset = start_pos or 0
-        if offset + seqlen > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence end {offset + seqlen} exceeds the rotary table ({self.rope_cos.shape[0]})")
-        if start_pos is not None:
-            cache = self.layers[0].attention.cache_k
-            if cache is None or cache.shape[0] < bsz or cache.shape[2] < offset + seqlen:
-                self.setup_cache(bsz)
-        cos = self.rope_cos[offset : offset + seqlen]
-        sin = self.rope_sin[offset : offset + seqlen]
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seqlen, device=tokens.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:
+            offset = start_pos or 0
+            if offset + seqlen > self.rope_cos.shape[0]:
+                raise ValueError(f"sequence end {offset + seqlen} exceeds the rotary table ({self.rope_cos.shape[0]})")
+            if start_pos is not None:
+                cache = self.layers[0].attention.cache_k
+                if cache is None or cache.shape[0] < bsz or cache.shape[2] < offset + seqlen:
+                    self.setup_cache(bsz)
+            cos = self.rope_cos[offset : offset + seqlen]
+            sin = self.rope_sin[offset : offset + seqlen]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         return self.norm(h)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int | None = None, mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.output(self.hidden_states(tokens, start_pos, mask)).float()
