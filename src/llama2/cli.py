@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "llama2.generation.commands",
     "llama2.serving.commands",
+    "llama2.export.commands",
     "llama2.tokenizer.commands",
     "llama2.data.commands",
 ]
