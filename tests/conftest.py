@@ -51,3 +51,31 @@ def tiny_tokenizer_path(tmp_path_factory) -> Path:
     lines = [f"{s} ({i})" for i in range(60) for s in TINY_CORPUS]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return train_tokenizer([corpus], root, vocab_size=320)
+
+
+def write_pretrain_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
+    """Seeded templated stories (~40 tokens each), documents separated by blank lines."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["Ada", "Bo", "Cyr", "Dina", "Emo", "Fay", "Gus", "Hal"]
+    places = ["Varnland", "Olmhaven", "the hills", "the river", "the old mill", "Kesh"]
+    things = ["owls", "apples", "stones", "boats", "songs", "maps"]
+    docs = []
+    for _ in range(n_docs):
+        a, b = rng.sample(names, 2)
+        n = rng.randint(2, 99)
+        docs.append(f"{a} went to {rng.choice(places)} with {b}. They found {n} {rng.choice(things)}.\n"
+                    f"{b} said: {n} plus {n % 7} is {n + n % 7}. Then {a} sang about {rng.choice(places)}.")
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus.txt, tokenizer.model): a small story corpus and a 384-piece BPE trained on it."""
+    from llama2.tokenizer.train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    corpus = write_pretrain_corpus(root / "corpus.txt")
+    return corpus, train_tokenizer([corpus], root, vocab_size=384)

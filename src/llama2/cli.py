@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "llama2.export.commands",
     "llama2.tokenizer.commands",
     "llama2.data.commands",
+    "llama2.stages.commands",
 ]
 
 

@@ -1,0 +1,97 @@
+"""Deterministic, resumable, rank-sharded batches over any map-style dataset (`len` and `[i]`).
+
+The order is defined for the whole job, not per process: epoch `e` visits the examples in the permutation
+drawn from `(seed, e)`, and global batch `k` is the `global_batch_size` examples at `[k·G, (k+1)·G)` of it.
+Each process takes its own slice of every round of `world_size × micro_batch_size` examples. The state is
+therefore just `(seed, epoch, cursor)` — the sampler's whole random state — and it is the same on every
+process and for any number of processes, so a run resumes exactly, even on a different `world_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class ShuffledBatches(Generic[T]):
+    """An endless iterator of this process's micro-batches, `collate([dataset[i] for i in ...])`."""
+
+    def __init__(
+        self,
+        dataset: Sequence[T],
+        collate: Callable[[list[T]], Any],
+        micro_batch_size: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        round_size = micro_batch_size * world_size
+        if global_batch_size % round_size:
+            raise ValueError(
+                f"global batch size {global_batch_size} is not a multiple of micro batch size × processes "
+                f"({micro_batch_size} × {world_size} = {round_size})"
+            )
+        if len(dataset) < global_batch_size:
+            raise ValueError(
+                f"the dataset holds {len(dataset)} examples, fewer than one global batch ({global_batch_size})"
+            )
+        self.dataset, self.collate = dataset, collate
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.seed, self.epoch, self.cursor = seed, 0, 0
+        # Whole global batches only, so an epoch ends at the same example for every world size.
+        self._epoch_len = len(dataset) // global_batch_size * global_batch_size
+        self._order: np.ndarray | None = None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            n = len(self.dataset)
+            self._order = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            )
+        return self._order
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self.cursor >= self._epoch_len:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        start = self.cursor + self.rank * self.micro_batch_size
+        indices = self._epoch_order()[start : start + self.micro_batch_size]
+        self.cursor += self.micro_batch_size * self.world_size
+        return self.collate([self.dataset[int(i)] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume where `state` left off; a cursor between global batches would break exactness."""
+        if state["cursor"] % self.global_batch_size:
+            raise ValueError(f"data cursor {state['cursor']} is not at a global batch boundary")
+        self.seed, self.epoch, self.cursor = int(state["seed"]), int(state["epoch"]), int(state["cursor"])
+        self._order = None
+
+
+def sequential_batches(
+    dataset: Sequence[T],
+    collate: Callable[[list[T]], Any],
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+) -> Iterator[Any]:
+    """One pass in order (validation). Every process yields the same number of batches, which FSDP needs:
+    each forward is a collective, so a process with one batch more would wait forever."""
+    rounds = len(dataset) // (micro_batch_size * world_size)
+    if max_batches is not None:
+        rounds = min(rounds, max_batches)
+    for r in range(rounds):
+        start = (r * world_size + rank) * micro_batch_size
+        yield collate([dataset[i] for i in range(start, start + micro_batch_size)])

@@ -1,0 +1,42 @@
+"""`llama2 pretrain|… --config FILE [--set key=value ...]`: one subcommand per training stage.
+
+Adding a stage is one line in `STAGES`: the module must define a `Config` dataclass and `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+STAGES = {
+    "pretrain": ("llama2.stages.pretrain", "pretrain a model from scratch on text files (.txt / .jsonl)"),
+}
+"""Subcommand → (module, one-line help)."""
+
+
+def register(subparsers) -> None:
+    for name, (module, help_text) in STAGES.items():
+        p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Re-running the same command "
+                                  "on the same out_dir resumes from its newest complete checkpoint.")
+        p.add_argument("--config", required=True, metavar="FILE.yaml",
+                       help="a preset, e.g. configs/pretrain/smoke.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="override one setting, e.g. --set train.lr=3e-4 (repeatable; types are checked)")
+        p.set_defaults(func=_runner(module))
+
+
+def _runner(module: str):
+    def run(args: argparse.Namespace) -> int:
+        from llama2.config import load_config
+        from llama2.training.loop import TrainingError
+
+        stage = importlib.import_module(module)
+        try:
+            result = stage.run(load_config(stage.Config, args.config, args.overrides))
+        except TrainingError as exc:
+            print(f"llama2 {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        return 130 if result.interrupted else 0
+
+    return run
