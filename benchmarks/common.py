@@ -37,8 +37,13 @@ def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    fmt = [lambda v: f"{v:,.1f}" if isinstance(v, float) else str(v)] * len(cols)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(f(row.get(c, "")) for f, c in zip(fmt, cols, strict=True)) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)

@@ -369,8 +369,7 @@ def save_hf(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config(model.args, stored_dtype), indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
-                  "max_length": model.args.max_seq_len}
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_model is not None:
         src = Path(tokenizer_model)
