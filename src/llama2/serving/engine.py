@@ -231,6 +231,8 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next id with its own settings, then emit text and finish rows that are done."""
+        if logits.shape[-1] > self.tokenizer.n_words:  # a padded embedding: rows past the tokenizer have no text
+            logits[:, self.tokenizer.n_words :] = float("-inf")
         greedy = [i for i, r in enumerate(rows) if r.request.params.temperature == 0]
         ids = torch.empty(len(rows), dtype=torch.long)
         if greedy:
