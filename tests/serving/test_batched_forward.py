@@ -61,3 +61,28 @@ def test_engine_greedy_batch_equals_reference_generate(tiny_llm):
         assert events[-1].completion_tokens == len(expected)
         assert events[-1].reason == ("length" if len(expected) == 24 else "stop")
     assert engine.max_rows_seen == 3
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers(tiny_llm, monkeypatch):
+    import llama2.serving.engine as engine_module
+
+    real, calls = engine_module.forward_rows, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward_rows", fails_once)
+    prompt = tiny_llm.tokenizer.encode("Hello", bos=True, eos=False)
+    engine = Engine(tiny_llm.model, tiny_llm.tokenizer, max_batch_size=2).start()
+    try:
+        failed, done = _collect(engine, prompt, SamplingParams(max_tokens=5, temperature=0))
+        assert done.wait(30)
+        assert failed[-1].reason == "error" and "simulated" in failed[-1].error
+        ok, done = _collect(engine, prompt, SamplingParams(max_tokens=5, temperature=0))
+        assert done.wait(30)
+        assert ok[-1].reason in ("stop", "length") and ok[-1].completion_tokens > 0
+    finally:
+        engine.shutdown()

@@ -32,6 +32,7 @@ CASES = [
     ("stream-string", "/v1/chat/completions", chat(stream="yes"), 400, "stream", "invalid_type"),
     ("stop-number", "/v1/chat/completions", chat(stop=5), 400, "stop", "invalid_type"),
     ("seed-bool", "/v1/chat/completions", chat(seed=True), 400, "seed", "invalid_type"),
+    ("seed-huge", "/v1/chat/completions", chat(seed=2**70), 400, "seed", "invalid_value"),
     ("unknown-role", "/v1/chat/completions", chat(messages=[{"role": "robot", "content": "hi"}]),
      400, "messages[0].role", "invalid_value"),
     ("two-users", "/v1/chat/completions", chat(messages=[USER, USER]), 400, "messages", "invalid_dialog"),

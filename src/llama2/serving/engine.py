@@ -68,6 +68,8 @@ class Request:
     params: SamplingParams
     sink: Callable[[Event], None]
     cancelled: bool = False
+    finished: bool = False
+    """Its `Finished` event has been sent."""
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -158,12 +160,12 @@ class Engine:
                     if self._rows:
                         self._decode()
                     if admitted:
-                        self._prefill(admitted)
+                        self._prefill([self._new_row(request) for request in admitted])
             except Exception as exc:  # a failing batch must not take the server down with it
                 log.exception("generation step failed")
-                for row in self._rows + [a for a in admitted if a not in self._rows]:
-                    if not row.done:
-                        self._finish(row, "error", error=f"generation failed: {exc}")
+                for request in [r.request for r in self._rows] + admitted:
+                    if not request.finished:
+                        self._emit(request, Finished("error", len(request.prompt), 0, f"generation failed: {exc}"))
                 self._rows = []
         with self._wake:
             leftover = [r.request for r in self._rows] + list(self._pending)
@@ -171,19 +173,19 @@ class Engine:
         for request in leftover:
             self._emit(request, Finished("error", len(request.prompt), 0, error="the server is shutting down"))
 
-    def _admit(self) -> list[_Row]:
-        """Move waiting requests into free batch rows (called holding the lock)."""
-        admitted = []
+    def _admit(self) -> list[Request]:
+        """Take waiting requests for the free batch rows (called holding the lock)."""
+        admitted: list[Request] = []
         while self._pending and len(self._rows) + len(admitted) < self.max_batch_size:
             request = self._pending.popleft()
-            if request.cancelled:
-                continue
-            seed = request.params.seed
-            generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-            admitted.append(
-                _Row(request, IncrementalDetokenizer(self.tokenizer), StopMatcher(request.params.stop), generator)
-            )
+            if not request.cancelled:
+                admitted.append(request)
         return admitted
+
+    def _new_row(self, request: Request) -> _Row:
+        seed = request.params.seed
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        return _Row(request, IncrementalDetokenizer(self.tokenizer), StopMatcher(request.params.stop), generator)
 
     def _drop_cancelled(self) -> None:
         for row in self._rows:
@@ -270,6 +272,7 @@ class Engine:
         self._emit(row.request, Finished(reason, len(row.request.prompt), len(row.generated), error))
 
     def _emit(self, request: Request, event: Event) -> None:
+        request.finished = request.finished or isinstance(event, Finished)
         try:
             request.sink(event)
         except Exception:  # the client went away (closed event loop); stop working for it

@@ -114,7 +114,7 @@ def _sampling(body: dict, max_n: int) -> Sampling:
         top_p=_number(body, "top_p", 0.9, 0.0, 1.0, low_open=True),
         n=_integer(body, "n", 1, max_n) or 1,
         stop=_stops(body),
-        seed=_integer(body, "seed", -(2**63)),
+        seed=_integer(body, "seed", 0, 2**63 - 1 - max_n),  # choice i uses seed + i; torch takes < 2**64
         stream=_boolean(body, "stream"),
         include_usage=_boolean(options or {}, "include_usage"),
     )
