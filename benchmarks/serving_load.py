@@ -62,7 +62,7 @@ def _start_server(model_dir: Path, port: int) -> subprocess.Popen:
 async def _client(http: httpx.AsyncClient, index: int, latencies: list[float]) -> int:
     tokens = 0
     for r in range(REQUESTS):
-        body = {"model": "bench", "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 1000 * index + r,
+        body = {"model": "bench", "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 1000 * (index + 1) + r,
                 "messages": [{"role": "user", "content": f"Tell me about the {WORDS[(index + r) % len(WORDS)]}."}]}
         start = time.perf_counter()
         response = await http.post("/v1/chat/completions", json=body)
