@@ -34,10 +34,6 @@ class SlotCache:
         make = lambda: torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # noqa: E731
         return cls([make() for _ in model.layers], [make() for _ in model.layers])
 
-    @property
-    def rows(self) -> int:
-        return self.keys[0].shape[0]
-
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (keeps running rows contiguous)."""
         for cache in (*self.keys, *self.values):
