@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "llama2.tokenizer.commands",
     "llama2.data.commands",
     "llama2.stages.commands",
+    "llama2.evaluation.commands",
 ]
 
 
