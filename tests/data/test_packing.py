@@ -99,4 +99,3 @@ def test_validation_batches_are_equal_in_number_on_every_process():
     per_rank = [list(sequential_batches(data, _ids, 2, r, 2)) for r in range(2)]
     assert [len(b) for b in per_rank] == [2, 2]
     assert sorted(sum(per_rank[0] + per_rank[1], [])) == list(range(8))
-    assert len(list(sequential_batches(data, _ids, 2, 0, 1, max_batches=3))) == 3

@@ -85,13 +85,10 @@ def sequential_batches(
     micro_batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    max_batches: int | None = None,
 ) -> Iterator[Any]:
     """One pass in order (validation). Every process yields the same number of batches, which FSDP needs:
     each forward is a collective, so a process with one batch more would wait forever."""
     rounds = len(dataset) // (micro_batch_size * world_size)
-    if max_batches is not None:
-        rounds = min(rounds, max_batches)
     for r in range(rounds):
         start = (r * world_size + rank) * micro_batch_size
         yield collate([dataset[i] for i in range(start, start + micro_batch_size)])

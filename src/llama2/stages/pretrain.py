@@ -91,8 +91,7 @@ def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
                               env.rank, env.world_size, cfg.data.seed)
     val = None
     if len(val_set) >= t.micro_batch_size * env.world_size:
-        val = partial(sequential_batches, val_set, collate_windows, t.micro_batch_size, env.rank,
-                      env.world_size, t.val_batches)
+        val = partial(sequential_batches, val_set, collate_windows, t.micro_batch_size, env.rank, env.world_size)
     return token_file, batches, val
 
 

@@ -89,7 +89,8 @@ class TrainConfig:
     val_every: int = 0
     """Validate every this many updates (0: only at the end); needs validation batches from the stage."""
     val_batches: int = 8
-    """Micro-batches per process in one validation pass."""
+    """Micro-batches in one validation pass over all processes (each runs its share), so the validation
+    loss covers the same sequences whatever the number of processes."""
     checkpoint_every: int = 0
     """Save a checkpoint every this many updates (0: only at the end and on Ctrl-C)."""
     keep_checkpoints: int = 2
@@ -372,13 +373,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over `val_batches` micro-batches per process (all processes together)."""
+        """Mean validation loss over the first `val_batches` micro-batches, shared among the processes."""
         if self.val_batches is None:
             return None
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
+        per_process = max(1, self.cfg.val_batches // self.env.world_size)
         for i, batch in enumerate(self.val_batches()):
-            if i >= self.cfg.val_batches:
+            if i >= per_process:
                 break
             with self._autocast():
                 loss, _ = self.loss_fn(self.model, move_to(batch, self.env.device))
