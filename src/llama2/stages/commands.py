@@ -11,6 +11,7 @@ import sys
 
 STAGES = {
     "pretrain": ("llama2.stages.pretrain", "pretrain a model from scratch on text files (.txt / .jsonl)"),
+    "sft": ("llama2.stages.sft", "supervised fine-tuning on chat jsonl in the Llama 2 chat format"),
 }
 """Subcommand → (module, one-line help)."""
 

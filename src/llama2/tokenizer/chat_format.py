@@ -89,25 +89,40 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return ids
 
 
-def encode_dialog_for_training(
+def encode_dialog_turns(
     tokenizer: Tokenizer, dialog: Dialog, train_on: Literal["all", "last"] = "all"
-) -> tuple[list[int], list[int]]:
-    """`(ids, labels)` for a dialog that ends with an assistant turn.
+) -> list[tuple[list[int], list[int]]]:
+    """`(ids, labels)` of each (user, assistant) turn of a dialog that ends with an assistant turn.
 
-    Each turn is `<s>[INST] user [/INST]` (labels -100) followed by `answer </s>` (labels = ids), the
+    A turn is `<s>[INST] user [/INST]` (labels -100) followed by `answer </s>` (labels = ids), the
     llama-recipes construction. With `train_on="last"` (Ghost Attention) every earlier assistant turn is
-    masked too. The concatenated ids equal `encode_dialog` on the dialog's prefixes, turn by turn.
+    masked too. Packing cuts dialogs only between these turns.
     """
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     messages = _validate(dialog, must_end_with="assistant")
-    ids: list[int] = []
-    labels: list[int] = []
     pairs = list(zip(messages[::2], messages[1::2], strict=True))
+    turns = []
     for turn, (user, answer) in enumerate(pairs):
         prompt = tokenizer.encode(_user_text(user["content"]), bos=True, eos=False)
         reply = tokenizer.encode(f"{answer['content'].strip()} ", bos=False, eos=True)
         trained = train_on == "all" or turn == len(pairs) - 1
-        ids += prompt + reply
-        labels += [IGNORE_INDEX] * len(prompt) + (reply if trained else [IGNORE_INDEX] * len(reply))
+        answer_labels = reply if trained else [IGNORE_INDEX] * len(reply)
+        turns.append((prompt + reply, [IGNORE_INDEX] * len(prompt) + answer_labels))
+    return turns
+
+
+def encode_dialog_for_training(
+    tokenizer: Tokenizer, dialog: Dialog, train_on: Literal["all", "last"] = "all"
+) -> tuple[list[int], list[int]]:
+    """`(ids, labels)` for a dialog that ends with an assistant turn: its turns (`encode_dialog_turns`) joined.
+
+    Labels are -100 on system and user tokens (and, with `train_on="last"`, on earlier answers); the
+    concatenated ids equal `encode_dialog` on the dialog's prefixes, turn by turn.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for turn_ids, turn_labels in encode_dialog_turns(tokenizer, dialog, train_on):
+        ids += turn_ids
+        labels += turn_labels
     return ids, labels

@@ -38,3 +38,21 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     tokens, labels = batch["tokens"], batch["labels"]
     loss = next_token_cross_entropy(model(tokens), labels)  # model(tokens): (B, T, V)
     return loss, {"loss": loss.detach(), "tokens": float(tokens.numel())}
+
+
+def packed_chat_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], block_diagonal: bool = True
+) -> tuple[torch.Tensor, Metrics]:
+    """SFT/GAtt `LossFn` on packed dialogs: batch `{"tokens", "labels", "doc_ids"}`, each (B, T).
+
+    With `block_diagonal`, each packed dialog attends only to itself (as it will at inference); otherwise
+    the window is one causal sequence, as in llama-recipes' packing.
+    """
+    tokens, labels, doc_ids = batch["tokens"], batch["labels"], batch["doc_ids"]
+    mask = None
+    if block_diagonal:
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        mask = (same & torch.ones_like(same[0]).tril())[:, None]  # (B, 1, T, T): causal within a dialog
+    loss = next_token_cross_entropy(model(tokens, mask=mask), labels)
+    trained = (labels != IGNORE_INDEX).sum()
+    return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.float()}
