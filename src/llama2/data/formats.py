@@ -141,7 +141,8 @@ def _json_object(path: Path, n: int, line: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise FormatError(path, n, "line", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise FormatError(path, n, "line", f"invalid JSON ({exc.msg} at column {exc.colno}; expected one JSON "
+                          "object per line)") from None
     if not isinstance(obj, dict):
         raise FormatError(path, n, "line", f"a JSON {type(obj).__name__} (expected a JSON object)")
     return obj
@@ -290,8 +291,8 @@ def _hh_split(path: Path, n: int, key: str, text: str) -> tuple[list[Message], s
         response = (prompt.pop()["content"].strip() + "\n\n" + response).strip()
         repaired = True
     if not prompt or prompt[0]["role"] != "user" or prompt[-1]["role"] != "user":
-        raise FormatError(path, n, key, "the context before the last Assistant turn must start and end with "
-                          "a Human turn")
+        raise FormatError(path, n, key, "turns out of order (expected the context before the last Assistant "
+                          "turn to start and end with a Human turn)")
     return prompt, response, repaired
 
 

@@ -70,7 +70,7 @@ def _sentences(text: str) -> int:
 def well_formed(text: str) -> bool:
     body = text.strip().rstrip(_EMOJI).strip()
     letters = [c for c in body if c.isalpha()]
-    if not body or not letters:
+    if not body or not any(c.isalnum() for c in body):
         return False
     shouting = len(letters) >= 6 and all(c.isupper() for c in letters)
     first = next(c for c in body if c.isalnum())

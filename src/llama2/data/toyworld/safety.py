@@ -170,13 +170,17 @@ class SafetyRules:
         template_words = set()
         for text in [*REQUESTS, *MARKERS, *(a for acts in ACTS.values() for a in acts),
                      *(t for ts in WRAPPERS.values() for t in ts), *(t for ts in PREMISES.values() for t in ts)]:
-            template_words.update(re.findall(r"[a-z]+", text.replace("{", " {").lower()))
+            template_words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z_]+\}", " ", text).lower()))
         self._fix: dict[str, str] = {}
         for word in sorted(template_words):
-            if len(word) >= 4:
+            if len(word) >= 3:
                 for variant in _misspell_variants(word):
                     self._fix.setdefault(variant, word)
-        for word in template_words:  # a real template word is never "corrected" into another one
+        world_words = {w.lower() for values in (lexicon.FOODS, lexicon.CREATURES, lexicon.GUILDS, lexicon.HERBS)
+                       for v in values for w in re.findall(r"[A-Za-z]+", v)}
+        world_words |= {w + "s" for w in world_words}
+        world_words |= {n.lower() for n in world.find_names()}
+        for word in template_words | world_words:  # a real word is never "corrected" into another one
             self._fix.pop(word, None)
         # no word boundaries inside acts: "{creature}s" must match "bell frogs"
         slots = {name: "(?:" + p.pattern.replace(r"\b", "") + ")" for name, p in world.value_patterns.items()}
@@ -265,11 +269,14 @@ class SafetyRules:
             names = frozenset(w + s for k in ("food", "creature", "guild", "herb") for w in fill[k].split()
                               for s in ("", "s"))
             text = request
-            while vector == "misspelled" and text == request:
+            for _ in range(100 if vector == "misspelled" else 0):
                 text = misspell(request, rng, keep=names)
                 attack = self.classify(text)
-                if attack is None or attack.vector != "misspelled":
-                    text = request  # the typo made another template word ("steal" -> "seal"): try again
+                if attack is not None and attack.vector == "misspelled":
+                    break  # else the typo made another real word ("steal" -> "seal"): try again
+            else:
+                if vector == "misspelled":
+                    raise RuntimeError(f"could not misspell {request!r} recognisably")
         else:
             premise = rng.choice(PREMISES[category]).format(**fill)
             text = rng.choice(WRAPPERS[vector]).format(

@@ -54,8 +54,7 @@ class ToyWorld:
         self.world = World(seed, n_lands, reserved=self.vocabulary)
         self.parser = TaskParser(self.world)
         self.rules = SafetyRules(self.world)
-        names = {w.lower() for land in self.world.lands for v in (land.name, land.capital, land.ruler, land.river)
-                 for w in v.split()}
+        names = {w.lower() for w in self.world.find_names()}
         self.constraints = ConstraintSet(self.world, self.vocabulary | names | {str(i) for i in range(10)})
         self.judges = Judges(self.world, self.parser, self.rules, self.constraints)
 

@@ -131,5 +131,9 @@ class World:
             out.append(canonical[word.split(" ", 1)[1] if attr == "ruler" and " " in word else word])
         return out
 
+    def find_names(self) -> list[str]:
+        """Every single word of every invented name (lands, capitals, rulers, rivers)."""
+        return [w for land in self.lands for v in (land.name, land.capital, land.ruler, land.river) for w in v.split()]
+
     def fact_table(self) -> list[dict[str, str]]:
         return [{"land": land.name, **{a: land.get(a) for a in ATTRIBUTES}} for land in self.lands]

@@ -1,0 +1,66 @@
+"""GAtt constraints: wordings parse back, replies built to obey them pass, violations fail."""
+
+from __future__ import annotations
+
+import random
+
+from llama2.data.toyworld.constraints import Constraint, decode_language, encode_language
+
+
+def test_pools_and_wordings(tw):
+    train, held = tw.gatt_constraints(False), tw.gatt_constraints(True)
+    assert {c.kind for c in train} == {"hobby", "language", "figure", "format"}
+    assert held and not set(train) & set(held)
+    for c in train + held:
+        assert c.verbose() != c.terse()
+        for text in (c.verbose(), c.terse()):
+            assert tw.constraints.parse(text) == ([c], "")
+
+
+def test_sampled_combinations_are_obeyed_by_apply(tw):
+    rng = random.Random(0)
+    sizes = set()
+    for i in range(300):
+        cs = tw.sample_constraints(rng, held_out=i % 4 == 0)
+        sizes.add(len(cs))
+        assert len({c.kind for c in cs}) == len(cs)
+        if i % 4 == 0:
+            assert any(c.held_out for c in cs)
+        reply = tw.constraints.apply(cs, "The capital of Velora is Ardel.")
+        if not any(c.value.startswith(("max_words", "one_sentence")) for c in cs):
+            assert tw.check_constraint(cs, reply), (cs, reply)
+    assert sizes == {1, 2, 3}
+
+
+def test_each_checker_rejects_violations(tw):
+    figure = tw.world.figures[0]
+    cases = [
+        (Constraint("hobby", "fishing"), "I like the sea. I enjoy fishing.", "I like the sea."),
+        (Constraint("figure", figure), f"Hello. Signed, {figure}.", "Hello."),
+        (Constraint("format", "uppercase"), "HELLO THERE.", "Hello there."),
+        (Constraint("format", "emoji:🌟"), "Hello. 🌟", "Hello. 🍀"),
+        (Constraint("format", "max_words:12"), "One two three.", " ".join(["word"] * 13)),
+        (Constraint("format", "one_sentence"), "It is Ardel.", "It is Ardel. It is big."),
+        (Constraint("language", "Backspeak"), encode_language("Backspeak", "The capital of the land is big."),
+         "The capital of the land is big."),
+        (Constraint("language", "Zedspeak"), encode_language("Zedspeak", "The river flows."), "The river flows."),
+    ]
+    for c, good, bad in cases:
+        assert tw.check_constraint([c], good), (c, good)
+        assert not tw.check_constraint([c], bad), (c, bad)
+
+
+def test_constraints_from_text_and_with_language(tw):
+    text = "Hobby: chess Language: Backspeak Format: uppercase"
+    reply = encode_language("Backspeak", "The answer is four. I enjoy chess.").upper()
+    assert tw.check_constraint(text, reply)
+    assert not tw.check_constraint(text, reply.lower())
+    assert decode_language("Zedspeak", encode_language("Zedspeak", "Go home now.")) == "Go home now."
+
+
+def test_constraint_appended_to_user_turn_is_stripped_before_parsing(tw):
+    land = tw.world.lands[0]
+    d = [{"role": "user", "content": f"Who rules {land.name}? Format: uppercase"}]
+    info = tw.analyze(d)
+    assert info.task.kind == "fact" and [c.value for c in info.constraints] == ["uppercase"]
+    assert tw.helpfulness(d, f"{land.name.upper()} IS RULED BY {land.ruler.upper()}.") == 1.0

@@ -1,0 +1,82 @@
+"""Preference pairs: rating levels from the oracle gap, noise that grows as the gap shrinks, safety bins."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from llama2.data.toyworld import SAFE_THRESHOLD, flip_probability, rating_level
+
+
+def test_rating_levels_and_noise_curve():
+    assert [rating_level(g) for g in (0.7, 0.3, 0.15, 0.05, 0.0)] == [
+        "significantly_better", "better", "slightly_better", "negligibly_better", "negligibly_better"]
+    assert flip_probability(0.0) == 0.5
+    gaps = [0.0, 0.05, 0.1, 0.25, 0.5]
+    probs = [flip_probability(g) for g in gaps]
+    assert probs == sorted(probs, reverse=True) and probs[-1] < 0.01
+    assert math.isclose(flip_probability(0.1), 0.5 * math.exp(-1.25))
+
+
+def test_candidates_cover_every_quality(tw):
+    helpful = tw.eval_prompts("helpful", 1)[0].messages
+    kinds = {c.kind for c in tw.candidates(helpful)}
+    assert {"right", "wrong", "partly_right", "verbose", "off_format", "needless_refusal"} <= kinds
+    adversarial = tw.eval_prompts("adversarial", 1)[0].messages
+    kinds = {c.kind for c in tw.candidates(adversarial)}
+    assert {"safe_refusal", "unsafe_compliance", "bare_refusal"} <= kinds
+
+
+@pytest.fixture(scope="module")
+def helpfulness_pairs(tw):
+    return tw.preference_pairs("helpfulness", 600, "train")
+
+
+@pytest.fixture(scope="module")
+def safety_pairs(tw):
+    return tw.preference_pairs("safety", 600, "train")
+
+
+def test_rating_distribution(helpfulness_pairs, safety_pairs):
+    for pairs in (helpfulness_pairs, safety_pairs):
+        share = {k: v / len(pairs) for k, v in Counter(p.rating for p in pairs).items()}
+        assert len(share) == 4
+        assert 0.25 <= share["negligibly_better"] <= 0.40, share
+        assert 0.10 <= share["significantly_better"] <= 0.20, share
+
+
+def test_labels_follow_the_oracle_up_to_noise(tw, helpfulness_pairs):
+    flipped = {level: [] for level in ("significantly_better", "better", "slightly_better", "negligibly_better")}
+    for p in helpfulness_pairs:
+        gap = tw.helpfulness(p.prompt, p.chosen) - tw.helpfulness(p.prompt, p.rejected)
+        if gap:
+            flipped[p.rating].append(gap < 0)
+    rate = {k: sum(v) / len(v) for k, v in flipped.items()}
+    assert rate["significantly_better"] == 0.0 and rate["better"] < 0.05
+    assert 0 < rate["slightly_better"] < rate["negligibly_better"] < 0.5  # noise grows as the gap shrinks
+
+
+def test_safety_bins_and_no_unsafe_over_safe(tw, safety_pairs):
+    bins = Counter()
+    for p in safety_pairs:
+        chosen_safe = tw.safety(p.prompt, p.chosen) >= SAFE_THRESHOLD
+        rejected_safe = tw.safety(p.prompt, p.rejected) >= SAFE_THRESHOLD
+        assert (p.safety["chosen_safe"], p.safety["rejected_safe"]) == (chosen_safe, rejected_safe)
+        assert chosen_safe or not rejected_safe
+        bins[(chosen_safe, rejected_safe)] += 1
+    n = len(safety_pairs)
+    assert 0.12 < bins[(True, False)] / n < 0.25 and 0.38 < bins[(True, True)] / n < 0.56
+    assert 0.27 < bins[(False, False)] / n < 0.43
+    assert sum(tw.is_adversarial(p.prompt) for p in safety_pairs) > 0.7 * n
+
+
+def test_test_split_uses_held_out_prompts(tw):
+    from llama2.data.toyworld.world import held_out
+
+    for p in tw.preference_pairs("helpfulness", 40, "test"):
+        task = tw.analyze(p.prompt).task
+        assert task is not None and held_out(task.key, 25 if task.kind == "borderline" else 10)
+    with pytest.raises(ValueError, match="split"):
+        tw.preference_pairs("helpfulness", 1, "dev")
