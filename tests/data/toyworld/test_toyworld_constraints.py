@@ -30,6 +30,8 @@ def test_sampled_combinations_are_obeyed_by_apply(tw):
         if not any(c.value.startswith(("max_words", "one_sentence")) for c in cs):
             assert tw.check_constraint(cs, reply), (cs, reply)
     assert sizes == {1, 2, 3}
+    for dialog in tw.constrained_dialogs(30, seed=1):  # demonstrations obey their system message
+        assert dialog[0]["role"] == "system" and tw.check_constraint(dialog[0]["content"], dialog[2]["content"])
 
 
 def test_each_checker_rejects_violations(tw):

@@ -20,7 +20,6 @@ from llama2.data.toyworld.world import World, held_out
 KINDS = ("hobby", "language", "figure", "format")
 LANGUAGES = ("Backspeak", "Zedspeak")  # every word reversed / every word ends in "zo"
 HELD_OUT_LANGUAGES = ("Zedspeak",)
-FORMATS = ("uppercase", "emoji", "max_words", "one_sentence")
 HELD_OUT_FORMATS = ("one_sentence",)
 WORD_LIMITS = (12, 16, 20)
 _WORD = re.compile(r"[A-Za-z]+")
@@ -99,7 +98,7 @@ class ConstraintSet:
             self.all.append(Constraint("format", f"emoji:{emoji}", emoji in lexicon.HELD_OUT_EMOJIS))
         for n in WORD_LIMITS:
             self.all.append(Constraint("format", f"max_words:{n}"))
-        self.all.append(Constraint("format", "one_sentence", True))
+        self.all.append(Constraint("format", "one_sentence", "one_sentence" in HELD_OUT_FORMATS))
         patterns = []
         for c in self.all:
             for text in (c.verbose(), c.terse()):

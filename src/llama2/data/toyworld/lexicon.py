@@ -48,7 +48,3 @@ FILLERS = (
     "Let me know if you want to know more.", "It is always good to learn about the world.",
     "I am happy to answer.", "Thank you for asking me.", "I thought about it carefully.",
 )
-
-
-def plural(noun: str) -> str:
-    return noun + "s"
