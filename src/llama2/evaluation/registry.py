@@ -14,7 +14,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-TASK_MODULES: list[str] = []
+TASK_MODULES: list[str] = [
+    "llama2.evaluation.benchmarks",
+    "llama2.evaluation.gsm8k",
+    "llama2.evaluation.win_rate",
+    "llama2.evaluation.safety_benchmarks",
+    "llama2.evaluation.dialogue",
+]
 
 TaskFn = Callable[["EvalContext"], dict[str, Any]]
 _TASKS: dict[str, TaskFn] = {}
