@@ -1,0 +1,124 @@
+"""Ghost Attention adherence: does a system instruction still hold at turn 20? (SPEC §9, Table 30)
+
+Held-out dialogs open with a system message of 1–3 constraints (hobby, language, public figure, format;
+terse or verbose), then toy-world user messages continue the conversation for `turns` turns. The model's
+own replies stay in the history; each reply is checked against every constraint by the toy world's rule
+checker. Adherence at turn t is the share of dialogs whose reply at turn t obeys all constraints, among the
+dialogs that still fit the model's context at that turn. The same is measured on constraints held out of
+GAtt training (the paper's zero-shot "Always answer with Haiku" test).
+
+`llama2 eval --task gatt_adherence --model DIR [--option baseline=DIR] [--option turns=20]`
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llama2.data.toyworld import ToyWorld
+from llama2.data.toyworld.constraints import Constraint, wording
+from llama2.evaluation.registry import EvalContext, task
+from llama2.generation.llama import Llama
+from llama2.tokenizer.chat_format import encode_dialog
+
+
+@dataclass
+class AdherenceSettings:
+    dialogs: int = 24
+    """Held-out dialogs per constraint pool."""
+    turns: int = 20
+    """Turns per dialog (the paper reports up to 20)."""
+    max_gen_len: int = 48
+    """Longest reply; toy-world answers are a sentence or two."""
+    temperature: float = 0.0
+    """Greedy by default, so the curve is a property of the model, not of sampling noise."""
+    seed: int = 0
+
+
+def opening_dialogs(world: ToyWorld, n: int, turns: int, held_out: bool, seed: int
+                    ) -> list[tuple[list[Constraint], str, list[str]]]:
+    """(constraints, system message, user turns) for `n` dialogs; terse wording half the time."""
+    rng = random.Random(f"gatt-eval-{seed}-{held_out}")
+    followups = world.user_followups(n * turns, seed=10_000 + seed + held_out)
+    out = []
+    for i in range(n):
+        cs = world.sample_constraints(rng, held_out=held_out)
+        out.append((cs, wording(cs, terse=rng.random() < 0.5), followups[i * turns : (i + 1) * turns]))
+    return out
+
+
+def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, held_out: bool,
+                      progress: bool = True) -> dict:
+    """Run the dialogs turn by turn (all dialogs batched at each turn) and check every reply."""
+    openings = opening_dialogs(world, settings.dialogs, settings.turns, held_out, settings.seed)
+    dialogs = [[{"role": "system", "content": system}] for _, system, _ in openings]
+    alive = list(range(len(dialogs)))
+    obeyed = [[] for _ in range(settings.turns)]  # per turn: one bool per dialog that reached it
+    limit = llm.args.max_seq_len
+    for turn in tqdm(range(settings.turns), desc=f"gatt adherence ({'held-out' if held_out else 'seen'})",
+                     disable=not progress):
+        for i in alive:
+            dialogs[i].append({"role": "user", "content": openings[i][2][turn]})
+        # A dialog whose prompt plus a full reply would not fit the context stops here.
+        alive = [i for i in alive if len(encode_dialog(llm.tokenizer, dialogs[i])) + settings.max_gen_len <= limit]
+        if not alive:
+            break
+        replies = llm.chat_completion([dialogs[i] for i in alive], temperature=settings.temperature,
+                                      max_gen_len=settings.max_gen_len, seed=settings.seed + turn)
+        for i, reply in zip(alive, replies, strict=True):
+            text = reply["generation"]["content"]
+            obeyed[turn].append(world.check_constraint(openings[i][0], text))
+            dialogs[i].append({"role": "assistant", "content": text})
+    curve = [sum(x) / len(x) if x else None for x in obeyed]
+    return {"adherence": curve, "dialogs_per_turn": [len(x) for x in obeyed], "example": dialogs[0]}
+
+
+def plot_curves(curves: dict[str, list[float | None]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, curve in curves.items():
+        turns = [t + 1 for t, v in enumerate(curve) if v is not None]
+        ax.plot(turns, [v for v in curve if v is not None], marker="o", markersize=3, label=label)
+    ax.set(xlabel="turn", ylabel="share of replies obeying the system instruction", ylim=(-0.02, 1.02),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_adherence(llm: Llama, settings: AdherenceSettings, world_seed: int = 0) -> dict:
+    world = ToyWorld(world_seed)
+    return {pool: adherence_by_turn(llm, world, settings, held_out=pool == "held_out")
+            for pool in ("seen", "held_out")}
+
+
+@task("gatt_adherence")
+def gatt_adherence_task(ctx: EvalContext) -> dict:
+    """Share of replies obeying a system instruction at each of 20 turns (seen and held-out constraints)."""
+    settings = AdherenceSettings(dialogs=ctx.limit or AdherenceSettings.dialogs, seed=ctx.seed,
+                                 turns=int(ctx.options.get("turns", AdherenceSettings.turns)))
+    world_seed = int(ctx.options.get("world_seed", 0))
+    result = {"model": evaluate_adherence(ctx.llm, settings, world_seed)}
+    if "baseline" in ctx.options:
+        baseline = Llama.load(ctx.options["baseline"], device=ctx.llm.device)
+        result["baseline"] = evaluate_adherence(baseline, settings, world_seed)
+    if ctx.out_dir is not None:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        curves = {f"{name}, {pool}": r[pool]["adherence"] for name, r in result.items() for pool in r}
+        plot_curves(curves, ctx.out_dir / "gatt_adherence.png", "GAtt: instruction kept over turns")
+        (ctx.out_dir / "gatt_dialog_example.json").write_text(
+            json.dumps(result["model"]["seen"]["example"], indent=2, ensure_ascii=False))
+    for r in result.values():
+        for pool in r.values():
+            pool.pop("example")
+    return result

@@ -1,0 +1,201 @@
+"""Ghost Attention (SPEC §9): teach the chat model to keep a system instruction for many turns.
+
+Step by step, as the paper describes it:
+ 1. take multi-turn dialogs (toy-world user messages, or the user turns of a chat jsonl file);
+ 2. sample a synthetic instruction by combining constraints (hobby, language, public figure, format),
+    in terse wording half the time;
+ 3. append the instruction to every user message and sample the replies with the current chat model,
+    turn by turn; a reply is kept only if the constraint checker accepts it (`samples_per_turn` tries, the
+    first accepted one wins), and a dialog ends at its first turn without an accepted reply;
+ 4. build training dialogs with the instruction only in the system message, one per accepted turn;
+ 5. zero the loss on every earlier turn, assistant replies included (`train_on="last"`);
+ 6. fine-tune through the SFT path.
+`report.json` in the run folder records how many replies were sampled and accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llama2.data.formats import Message, dumps, read_chat
+from llama2.data.toyworld import ToyWorld
+from llama2.data.toyworld.constraints import Constraint, wording
+from llama2.generation.llama import Llama
+from llama2.stages import sft
+from llama2.stages.artifacts import model_dir
+from llama2.tokenizer.chat_format import encode_dialog
+from llama2.training.loop import TrainConfig, TrainResult
+
+
+@dataclass
+class GAttData:
+    """How the synthetic Ghost Attention dialogs are made."""
+
+    dialogs: int = 64
+    """Dialogs to synthesise (each gives one training example per accepted turn)."""
+    min_turns: int = 2
+    """Fewest user turns in a dialog."""
+    max_turns: int = 8
+    """Most user turns in a dialog (also bounded by the model's context)."""
+    user_turns_file: str | None = None
+    """A chat jsonl whose user messages are used as the dialogs' turns (None: toy-world user messages)."""
+    world_seed: int = 0
+    """The toy world supplying constraints (and user messages when no file is given)."""
+    terse_rate: float = 0.5
+    """Share of instructions in their terse wording ("Figure: Queen Mira")."""
+    samples_per_turn: int = 4
+    """Replies sampled per turn; the first one the checker accepts is kept."""
+    temperature: float = 0.7
+    """Sampling temperature of the replies."""
+    top_p: float = 0.9
+    max_gen_len: int = 48
+    """Longest sampled reply, in tokens."""
+    seed: int = 0
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4, lr=2e-5, warmup_steps=0)
+
+
+@dataclass
+class Config:
+    """`llama2 gatt`: a chat model, how to synthesise GAtt data, and the fine-tuning settings."""
+
+    out_dir: str = "runs/gatt"
+    """Run folder: `gatt_train.jsonl`, `report.json`, and the fine-tuning run's checkpoints and metrics."""
+    init_from: str = ""
+    """The chat model that samples the replies and is fine-tuned (model or run directory)."""
+    data: GAttData = field(default_factory=GAttData)
+    """The synthetic dialogs."""
+    epochs: float = 2.0
+    """Passes over the GAtt examples."""
+    block_diagonal: bool = True
+    """Attention only within each packed dialog during fine-tuning."""
+    train: TrainConfig = field(default_factory=_default_train)
+    """The fine-tuning engine settings (`steps` is set from `epochs`)."""
+
+
+@dataclass
+class Conversation:
+    constraints: list[Constraint]
+    instruction: str
+    users: list[str]
+    replies: list[str] = field(default_factory=list)
+
+    def sampling_dialog(self, turn: int) -> list[Message]:
+        """Step 3's context: the instruction appended to every user message, earlier accepted replies kept."""
+        out: list[Message] = []
+        for t in range(turn + 1):
+            out.append({"role": "user", "content": f"{self.users[t]} {self.instruction}"})
+            if t < turn:
+                out.append({"role": "assistant", "content": self.replies[t]})
+        return out
+
+    def training_dialog(self, turn: int) -> list[Message]:
+        """Step 4: the instruction only in the system message, turns 1..turn with their accepted replies."""
+        out: list[Message] = [{"role": "system", "content": self.instruction}]
+        for t in range(turn + 1):
+            out.append({"role": "user", "content": self.users[t]})
+            out.append({"role": "assistant", "content": self.replies[t]})
+        return out
+
+
+def user_turns(cfg: GAttData, world: ToyWorld) -> list[list[str]]:
+    """Step 1: the user side of `cfg.dialogs` multi-turn dialogs."""
+    rng = random.Random(f"gatt-turns-{cfg.seed}")
+    lengths = [rng.randint(cfg.min_turns, cfg.max_turns) for _ in range(cfg.dialogs)]
+    if cfg.user_turns_file is None:
+        pool = world.user_followups(sum(lengths), seed=cfg.seed)
+    else:
+        pool = [m["content"] for r in read_chat(cfg.user_turns_file) for m in r.messages if m["role"] == "user"]
+        if not pool:
+            raise ValueError(f"{cfg.user_turns_file}: holds no user messages")
+        pool = [rng.choice(pool) for _ in range(sum(lengths))]
+    out, start = [], 0
+    for n in lengths:
+        out.append(pool[start : start + n])
+        start += n
+    return out
+
+
+def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[list[Constraint], str]]:
+    """Step 2: random combinations of constraints from the training pool, terse half the time."""
+    rng = random.Random(f"gatt-instructions-{cfg.seed}")
+    out = []
+    for _ in range(n):
+        cs = world.sample_constraints(rng, held_out=False)
+        out.append((cs, wording(cs, terse=rng.random() < cfg.terse_rate)))
+    return out
+
+
+def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
+    """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn, keep the first accepted."""
+    sampled = accepted = 0
+    alive = list(range(len(conversations)))
+    max_turns = max(len(c.users) for c in conversations)
+    for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
+        alive = [i for i in alive if turn < len(conversations[i].users)]
+        contexts = {i: conversations[i].sampling_dialog(turn) for i in alive}
+        alive = [i for i in alive
+                 if len(encode_dialog(llm.tokenizer, contexts[i])) + cfg.max_gen_len < llm.args.max_seq_len]
+        if not alive:
+            break
+        batch = [contexts[i] for i in alive for _ in range(cfg.samples_per_turn)]
+        replies = llm.chat_completion(batch, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_gen_len=cfg.max_gen_len, seed=cfg.seed * 1000 + turn)
+        sampled += len(batch)
+        survivors = []
+        for k, i in enumerate(alive):
+            candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
+            texts = [c["generation"]["content"].strip() for c in candidates]
+            ok = next((t for t in texts if t and world.check_constraint(conversations[i].constraints, t)), None)
+            if ok is not None:
+                conversations[i].replies.append(ok)
+                accepted += 1
+                survivors.append(i)
+        alive = survivors
+    return {"replies_sampled": sampled, "turns_accepted": accepted}
+
+
+def run(cfg: Config) -> TrainResult:
+    """Synthesise GAtt data with the current chat model, then fine-tune it (resumes the fine-tuning)."""
+    started = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_file = out / "gatt_train.jsonl"
+    source = model_dir(cfg.init_from)
+    if not (out / "report.json").is_file():
+        # 1-3. dialogs, instructions, replies sampled by the current model and filtered by the checker
+        world = ToyWorld(cfg.data.world_seed)
+        llm = Llama.load(source)
+        turns = user_turns(cfg.data, world)
+        instructions = sample_instructions(cfg.data, world, len(turns))
+        conversations = [Conversation(cs, text, users) for (cs, text), users in zip(instructions, turns, strict=True)]
+        stats = sample_replies(llm, world, conversations, cfg.data)
+        # 4-5. one training dialog per accepted turn; the loss is on that turn's reply only
+        examples = [c.training_dialog(t) for c in conversations for t in range(len(c.replies))]
+        if not examples:
+            raise ValueError("gatt: the checker accepted no sampled reply; the chat model cannot follow any "
+                             "instruction yet (train SFT longer, or raise data.samples_per_turn)")
+        train_file.write_text("".join(dumps({"messages": e}) + "\n" for e in examples))
+        report = {**stats, "acceptance_rate": stats["turns_accepted"] / max(1, stats["replies_sampled"]),
+                  "dialogs": len(conversations), "examples": len(examples),
+                  "dialogs_with_all_turns_accepted": sum(len(c.replies) == len(c.users) for c in conversations),
+                  "sampling_seconds": round(time.perf_counter() - started, 1)}
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"gatt: kept {report['turns_accepted']} of {report['replies_sampled']} sampled replies "
+              f"(checker-accepted), {len(examples)} training examples", file=sys.stderr)
+        del llm
+    # 6. fine-tune through the SFT path, loss on the last turn only
+    finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
+                          data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed, train_on="last",
+                                           block_diagonal=cfg.block_diagonal),
+                          train=cfg.train)
+    return sft.run(finetune)
