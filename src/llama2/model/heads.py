@@ -1,0 +1,165 @@
+"""Scalar heads on the transformer trunk: the reward model (SPEC §7), and PPO's value model after it.
+
+`ScalarHeadModel` is a `Transformer` whose next-token head is replaced by `score`, a `Linear(dim, 1)` read at
+the last real token of each right-padded row. It saves as a Hugging Face `LlamaForSequenceClassification`
+directory (`num_labels=1`, `score.weight`, `pad_token_id` set), which `transformers` scores identically
+because its rule, "the rightmost token that is not `pad_token_id`", picks the same position as our
+`lengths - 1` as long as the pad id never ends a real sequence (we pad with `<unk>`, which Llama's
+byte-fallback tokenizer never emits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llama2.model.args import ModelArgs
+from llama2.model.checkpoint import CheckpointError, args_from_hf_config, hf_config, hf_to_ours_key, save_hf
+from llama2.model.transformer import Transformer
+
+HEAD_FILE = "model-score.safetensors"
+"""The head's own weight file when the trunk is sharded, listed in the index beside the shards."""
+
+
+class _NoLMHead(nn.Module):
+    """Takes the place of the trunk's vocab × dim output matrix, which a scalar-head model never uses.
+
+    It holds only an empty buffer named `weight`: the trunk reads `output.weight` for the device and dtype of
+    its rotary tables and KV cache, and the buffer follows `.to()` without costing memory or a checkpoint key.
+    """
+
+    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a scalar-head model has no language-modelling head; call hidden_states instead")
+
+
+class ScalarHeadModel(nn.Module):
+    """`model(tokens, lengths)` → one fp32 scalar per row (B,): `score` applied to the last real token.
+
+    `tokens` (B, T) are right-padded and `lengths` (B,) count the real tokens of each row. Causal attention
+    means padding after a row's end never changes the hidden state at `lengths - 1`, so no mask is needed.
+    """
+
+    def __init__(self, trunk: Transformer):
+        super().__init__()
+        weight = trunk.output.weight
+        trunk.output = _NoLMHead(weight.device if weight.device.type != "meta" else None, weight.dtype)
+        self.trunk = trunk
+        self.score = nn.Linear(trunk.args.dim, 1, bias=False, device=weight.device, dtype=weight.dtype)
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.trunk.args
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The trunk's blocks, where the engine applies activation checkpointing, compile and FSDP."""
+        return self.trunk.layers
+
+    @classmethod
+    def from_language_model(cls, model: Transformer) -> ScalarHeadModel:
+        """The reward model initialised from a chat checkpoint (SPEC §7), its head zero-initialised.
+
+        A zero head gives every response reward 0, so training starts from loss log 2 (no margin) rather than
+        from an arbitrary ranking, and the trunk is not pushed around by a random projection at the start;
+        AdamW's first updates are about `lr` per weight whatever the gradient scale, so the head grows within
+        a few steps (one step moves a reward by about lr · dim).
+        """
+        rm = cls(model)
+        nn.init.zeros_(rm.score.weight)
+        return rm
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.trunk.hidden_states(tokens)  # (B, T, dim)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, dim)
+        return self.score(last).squeeze(-1).float()  # (B,)
+
+
+# --- Hugging Face LlamaForSequenceClassification ------------------------------------------------------------
+
+
+def sequence_classifier_config(args: ModelArgs, dtype: torch.dtype, pad_token_id: int) -> dict:
+    """`hf_config` turned into a one-label `LlamaForSequenceClassification` config."""
+    return {**hf_config(args, dtype), "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
+            "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad_token_id,
+            "use_cache": False}
+
+
+def save_scalar_head_hf(model: ScalarHeadModel, path: str | Path, pad_token_id: int,
+                        tokenizer_model: str | Path | None = None) -> Path:
+    """Write a Hugging Face sequence-classification directory.
+
+    The trunk goes through `save_hf` (same key names and shard layout as a causal LM, minus `lm_head`); the
+    head joins the single weight file, or, for a sharded model, gets its own file listed in the index.
+    """
+    out = save_hf(model.trunk, path, tokenizer_model=tokenizer_model)
+    (out / "generation_config.json").unlink()
+    head = {"score.weight": model.score.weight.detach().cpu().contiguous()}
+    index_path = out / "model.safetensors.index.json"
+    if index_path.is_file():  # sharded (over 5 GiB): the head gets its own file in the index
+        index = json.loads(index_path.read_text())
+        save_file(head, str(out / HEAD_FILE), metadata={"format": "pt"})
+        index["weight_map"]["score.weight"] = HEAD_FILE
+        index["metadata"]["total_size"] += head["score.weight"].numel() * head["score.weight"].element_size()
+        index_path.write_text(json.dumps(index, indent=2))
+    else:  # one file, which transformers reads without looking for an index: the head joins it
+        single = out / "model.safetensors"
+        with safe_open(str(single), framework="pt") as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        save_file({**state, **head}, str(single), metadata={"format": "pt"})
+    stored = next(iter(model.trunk.state_dict().values())).dtype
+    config = sequence_classifier_config(model.args, stored, pad_token_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def load_scalar_head(path: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[ScalarHeadModel, int]:
+    """A saved `LlamaForSequenceClassification` directory → (model in eval mode, its pad_token_id)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("architectures") != ["LlamaForSequenceClassification"] or config.get("num_labels", 1) != 1:
+        raise CheckpointError(f"{path}: not a one-label LlamaForSequenceClassification directory "
+                              f"(architectures {config.get('architectures')}); is this a reward model?")
+    args = args_from_hf_config(path / "config.json")
+    raw = _read_weights(path)
+    if "score.weight" not in raw:
+        raise CheckpointError(f"{path}: missing score.weight")
+    state = {"score.weight": raw.pop("score.weight")}
+    for key, tensor in raw.items():
+        ours = hf_to_ours_key(key)
+        if ours is not None:
+            state[f"trunk.{ours}"] = tensor
+    with torch.device("meta"):
+        model = ScalarHeadModel(Transformer(args))
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:5])}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
+    model.trunk.output = _NoLMHead(torch.device(device), dtype)
+    model.trunk.reset_rope()
+    return model.eval(), int(config["pad_token_id"])
