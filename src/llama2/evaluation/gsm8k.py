@@ -119,7 +119,7 @@ def gsm8k(ctx: EvalContext) -> dict[str, Any]:
     replies: dict[int, str] = {}
     for start in tqdm(range(0, len(order), ctx.batch_size), desc="gsm8k", unit="batch", leave=False):
         batch = order[start : start + ctx.batch_size]
-        out = llm.generate([prompts[i] for i in batch], max_gen_len, temperature=0.0, seed=ctx.seed)
+        out = llm.generate([prompts[i] for i in batch], max_gen_len, temperature=0.0)  # greedy, as lm-eval
         for i, ids in zip(batch, out, strict=True):
             replies[i] = truncate_at_stop(llm.tokenizer.decode(ids), [FORMATS[style].stop])
     strict, flexible = [], []
