@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama2.data.formats import RATINGS
+
 IGNORE_INDEX = -100
 """Label value for positions that carry no loss (prompts, padding): PyTorch's cross-entropy default."""
 
@@ -56,3 +58,63 @@ def packed_chat_loss(
     loss = next_token_cross_entropy(model(tokens, mask=mask), labels)
     trained = (labels != IGNORE_INDEX).sum()
     return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.float()}
+
+
+# --- reward models (SPEC §7) ----------------------------------------------------------------------------------
+
+MARGINS: dict[str, dict[str, float]] = {
+    "none": dict.fromkeys(RATINGS, 0.0),
+    "small": dict(zip(RATINGS, (1.0, 2 / 3, 1 / 3, 0.0), strict=True)),
+    "large": dict(zip(RATINGS, (3.0, 2.0, 1.0, 0.0), strict=True)),
+}
+"""Margin m(rating) per mode, the paper's Table 27 (significantly better, better, slightly, negligibly)."""
+
+
+def rating_margin(rating: str | None, mode: str) -> float:
+    """m(rating) for `mode` ("none", "small", "large"); 0 for pairs without a rating (Anthropic HH)."""
+    if mode not in MARGINS:
+        raise ValueError(f"margin mode must be one of {', '.join(MARGINS)}, got {mode!r}")
+    return 0.0 if rating is None else MARGINS[mode][rating]
+
+
+def preference_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
+    """Binary ranking loss with margin, `-log σ(r_c − r_r − m)` averaged over pairs (Llama 2 eq. 2).
+
+    `chosen`, `rejected`, `margin`: (B,). Metrics: `accuracy` (r_c > r_r, a tie counts half) and
+    `reward_margin`, the mean r_c − r_r the model achieves (what the margin term asks to exceed m).
+    """
+    gap = chosen - rejected
+    loss = -F.logsigmoid(gap - margin).mean()
+    accuracy = ((gap > 0).float() + 0.5 * (gap == 0).float()).mean()
+    return loss, {"accuracy": accuracy.detach(), "reward_margin": gap.mean().detach()}
+
+
+def safety_auxiliary_loss(rewards: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """Safety RM auxiliary term (the paper gives no formula, SPEC §7): binary cross-entropy of σ(r) against
+    the response's safe/unsafe label, `-[s·log σ(r) + (1−s)·log(1−σ(r))]`, averaged over labelled responses.
+
+    It pulls unsafe responses below r = 0 (score 0.5) and safe ones above it, which is what the unsafe-recall
+    metric at score 0.5 counts. `rewards`, `safe`: (N,); `safe` is 1 safe, 0 unsafe, −1 unlabelled.
+    """
+    labelled = safe >= 0
+    if not bool(labelled.any()):
+        return rewards.sum() * 0.0  # keeps the graph (and FSDP's collectives) identical across micro-batches
+    return F.binary_cross_entropy_with_logits(rewards[labelled], safe[labelled].float())
+
+
+def reward_model_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], safety_weight: float = 0.0
+) -> tuple[torch.Tensor, Metrics]:
+    """The reward-model `LossFn`: batch `{"tokens": (2B, T), "lengths": (2B,), "margin": (B,), "safe": (2B,)}`,
+    chosen rows first then rejected rows, right-padded. Adds `safety_weight` × the auxiliary loss."""
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    rewards = model(tokens, lengths)  # (2B,)
+    chosen, rejected = rewards.chunk(2)
+    loss, metrics = preference_loss(chosen, rejected, batch["margin"])
+    if safety_weight > 0:
+        aux = safety_auxiliary_loss(rewards, batch["safe"])
+        loss = loss + safety_weight * aux
+        metrics["safety_loss"] = aux.detach()
+    return loss, {**metrics, "loss": loss.detach(), "tokens": float(tokens.numel())}
