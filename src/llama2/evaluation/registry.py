@@ -18,6 +18,7 @@ TASK_MODULES: list[str] = [
     "llama2.evaluation.benchmarks",
     "llama2.evaluation.gsm8k",
     "llama2.evaluation.win_rate",
+    "llama2.evaluation.rewards",
     "llama2.evaluation.safety_benchmarks",
     "llama2.evaluation.dialogue",
 ]
