@@ -57,6 +57,12 @@ class GAttData:
     top_p: float = 0.9
     max_gen_len: int = 48
     """Longest sampled reply, in tokens."""
+    system_while_sampling: bool = True
+    """Also give the instruction as a system message while sampling (besides appending it to every user
+    message, as the paper does): a small SFT model has only seen instructions in the system message."""
+    oracle_fallback: bool = False
+    """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
+    the instruction (a plumbing aid for tiny smoke runs, not the paper's method; counted in the report)."""
     seed: int = 0
 
 
@@ -89,9 +95,9 @@ class Conversation:
     users: list[str]
     replies: list[str] = field(default_factory=list)
 
-    def sampling_dialog(self, turn: int) -> list[Message]:
+    def sampling_dialog(self, turn: int, system: bool = False) -> list[Message]:
         """Step 3's context: the instruction appended to every user message, earlier accepted replies kept."""
-        out: list[Message] = []
+        out: list[Message] = [{"role": "system", "content": self.instruction}] if system else []
         for t in range(turn + 1):
             out.append({"role": "user", "content": f"{self.users[t]} {self.instruction}"})
             if t < turn:
@@ -137,12 +143,12 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn, keep the first accepted."""
-    sampled = accepted = 0
+    sampled = accepted = fallbacks = 0
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
     for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
         alive = [i for i in alive if turn < len(conversations[i].users)]
-        contexts = {i: conversations[i].sampling_dialog(turn) for i in alive}
+        contexts = {i: conversations[i].sampling_dialog(turn, cfg.system_while_sampling) for i in alive}
         alive = [i for i in alive
                  if len(encode_dialog(llm.tokenizer, contexts[i])) + cfg.max_gen_len < llm.args.max_seq_len]
         if not alive:
@@ -155,13 +161,18 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
             texts = [c["generation"]["content"].strip() for c in candidates]
-            ok = next((t for t in texts if t and world.check_constraint(conversations[i].constraints, t)), None)
+            constraints = conversations[i].constraints
+            ok = next((t for t in texts if t and world.check_constraint(constraints, t)), None)
+            if ok is None and cfg.oracle_fallback:
+                rewrite = world.constraints.apply(constraints, texts[0] or "Yes.")
+                if world.check_constraint(constraints, rewrite):
+                    ok, fallbacks = rewrite, fallbacks + 1
             if ok is not None:
                 conversations[i].replies.append(ok)
                 accepted += 1
                 survivors.append(i)
         alive = survivors
-    return {"replies_sampled": sampled, "turns_accepted": accepted}
+    return {"replies_sampled": sampled, "turns_accepted": accepted, "oracle_fallbacks": fallbacks}
 
 
 def run(cfg: Config) -> TrainResult:
@@ -185,13 +196,15 @@ def run(cfg: Config) -> TrainResult:
             raise ValueError("gatt: the checker accepted no sampled reply; the chat model cannot follow any "
                              "instruction yet (train SFT longer, or raise data.samples_per_turn)")
         train_file.write_text("".join(dumps({"messages": e}) + "\n" for e in examples))
-        report = {**stats, "acceptance_rate": stats["turns_accepted"] / max(1, stats["replies_sampled"]),
+        model_accepted = stats["turns_accepted"] - stats["oracle_fallbacks"]
+        report = {**stats, "acceptance_rate": model_accepted / max(1, stats["replies_sampled"]),
                   "dialogs": len(conversations), "examples": len(examples),
                   "dialogs_with_all_turns_accepted": sum(len(c.replies) == len(c.users) for c in conversations),
                   "sampling_seconds": round(time.perf_counter() - started, 1)}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"gatt: kept {report['turns_accepted']} of {report['replies_sampled']} sampled replies "
-              f"(checker-accepted), {len(examples)} training examples", file=sys.stderr)
+        rewrites = f" (+{stats['oracle_fallbacks']} oracle rewrites)" if stats["oracle_fallbacks"] else ""
+        print(f"gatt: the checker accepted {model_accepted} of {report['replies_sampled']} sampled replies"
+              f"{rewrites}; {len(examples)} training examples", file=sys.stderr)
         del llm
     # 6. fine-tune through the SFT path, loss on the last turn only
     finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
