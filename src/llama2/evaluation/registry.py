@@ -21,6 +21,7 @@ TASK_MODULES: list[str] = [
     "llama2.evaluation.rewards",
     "llama2.evaluation.safety_benchmarks",
     "llama2.evaluation.dialogue",
+    "llama2.evaluation.safety",
 ]
 
 TaskFn = Callable[["EvalContext"], dict[str, Any]]

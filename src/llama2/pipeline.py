@@ -1,0 +1,242 @@
+"""The whole Llama 2 recipe on the toy world, as a list of resumable stages, and its report.
+
+    llama2 pipeline --preset smoke|demo --out DIR [--set section.key=value ...]
+
+toy world → tokenizer → pretrain → SFT → GAtt → evaluation of every stage's model with the same oracle
+judges → `report.md`, `report.json` and plots. Each stage writes `<out>/<stage>/stage.json` when it has
+finished; a rerun skips finished stages, and an interrupted stage resumes from its own checkpoints.
+Stages that later issues add (reward models, rejection sampling, PPO, safety) plug in as entries of
+`STAGES`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llama2.config import dump_config, load_config
+from llama2.data.formats import dumps
+from llama2.stages import gatt, pretrain, sft
+from llama2.stages.artifacts import model_dir
+
+
+@dataclass
+class DataSettings:
+    """The toy world's files and tokenizer."""
+
+    seed: int = 0
+    """World seed: facts, prompts, pairs."""
+    size: str = "default"
+    """`small` (tests, smoke) or `default` (>= 10M tokens of corpus)."""
+    tokenizer_vocab: int = 2048
+    """Pieces of the toy SentencePiece tokenizer (Llama 2 settings)."""
+    sft_dialogs: int = 20_000
+    """Helpful-only SFT demonstrations (the safety stages add safety data on top, SPEC §10.2)."""
+
+
+@dataclass
+class EvalSettings:
+    """How every stage's model is evaluated."""
+
+    prompts: int = 100
+    """Held-out prompts per kind (helpful, adversarial; borderline: half)."""
+    gatt_dialogs: int = 24
+    """Dialogs per constraint pool for GAtt adherence."""
+    gatt_turns: int = 20
+    """Turns of each GAtt adherence dialog."""
+    max_gen_len: int = 64
+    """Longest reply in the oracle evaluation."""
+
+
+@dataclass
+class PipelineConfig:
+    """`llama2 pipeline`: every stage's settings; paths between stages are filled in by the pipeline."""
+
+    out_dir: str = "runs/demo"
+    """Run folder: one sub-folder per stage, plus report.md, report.json and plots."""
+    data: DataSettings = field(default_factory=DataSettings)
+    pretrain: pretrain.Config = field(default_factory=pretrain.Config)
+    """Pretraining (`out_dir`, data files and tokenizer are set by the pipeline)."""
+    sft: sft.Config = field(default_factory=sft.Config)
+    """SFT (`out_dir`, `init_from` and data files are set by the pipeline)."""
+    gatt: gatt.Config = field(default_factory=gatt.Config)
+    """Ghost Attention (`out_dir` and `init_from` are set by the pipeline)."""
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[PipelineConfig, Path], dict[str, Any]]
+    """Runs the stage in `<out>/<name>` and returns what later stages and the report need."""
+
+
+# --- the stages -----------------------------------------------------------------------------------------------
+
+
+def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    from llama2.data.toyworld import ToyWorld
+    from llama2.data.toyworld.export import write_toyworld
+    from llama2.tokenizer.train import train_tokenizer
+
+    manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
+    world = ToyWorld(cfg.data.seed)
+    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0)
+    (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+    tokenizer = train_tokenizer([out / "pretrain.txt"], out / "tokenizer", cfg.data.tokenizer_vocab)
+    return {"tokenizer": str(tokenizer), "files": sorted(manifest["files"]), "sft_dialogs": len(dialogs)}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _train_summary(result, run_dir: Path) -> dict[str, Any]:
+    rows = _metrics(run_dir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"model": str(model_dir(run_dir)), "steps": result.step, "final_loss": result.final_loss,
+            "val_loss": result.val_loss, "first_loss": losses[0] if losses else None,
+            "tokens_per_s": rows[-1].get("tokens_per_s") if rows else None}
+
+
+def run_pretrain(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    data = out.parent / "data"
+    stage = replace(cfg.pretrain, out_dir=str(out),
+                    data=replace(cfg.pretrain.data, train_files=[str(data / "pretrain.txt")],
+                                 tokenizer=str(data / "tokenizer" / "tokenizer.model")))
+    return _train_summary(pretrain.run(stage), out)
+
+
+def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    data = out.parent / "data"
+    stage = replace(cfg.sft, out_dir=str(out), init_from=str(out.parent / "pretrain"),
+                    data=replace(cfg.sft.data, train_files=[str(data / "sft_helpful.jsonl")]))
+    return _train_summary(sft.run(stage), out)
+
+
+def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    stage = replace(cfg.gatt, out_dir=str(out), init_from=str(out.parent / "sft"),
+                    data=replace(cfg.gatt.data, world_seed=cfg.data.seed))
+    summary = _train_summary(gatt.run(stage), out)
+    return {**summary, **json.loads((out / "report.json").read_text())}
+
+
+# Each evaluated model: the stage whose model it is, and its name in report.json's `models`.
+EVALUATED = {"base": "pretrain", "sft": "sft", "gatt": "gatt"}
+
+
+def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    from llama2.data.toyworld import ToyWorld
+    from llama2.evaluation.dialogue import AdherenceSettings, evaluate_adherence
+    from llama2.evaluation.safety import ToyEvalSettings, oracle_evaluation
+    from llama2.generation.llama import Llama
+
+    world = ToyWorld(cfg.data.seed)
+    e = cfg.evaluation
+    settings = ToyEvalSettings(prompts=e.prompts, max_gen_len=e.max_gen_len)
+    models, adherence = {}, {}
+    for name, stage in EVALUATED.items():
+        llm = Llama.load(model_dir(out.parent / stage))
+        print(f"evaluation: {name} model", file=sys.stderr)
+        models[name] = oracle_evaluation(llm, world, settings, out.parent / "data")
+        if name in ("sft", "gatt"):
+            adherence[name] = evaluate_adherence(llm, AdherenceSettings(dialogs=e.gatt_dialogs, turns=e.gatt_turns),
+                                                 cfg.data.seed)
+    return {"models": models, "adherence": adherence}
+
+
+STAGES = [
+    Stage("data", run_data),
+    Stage("pretrain", run_pretrain),
+    Stage("sft", run_sft),
+    Stage("gatt", run_gatt),
+    Stage("evaluation", run_evaluation),
+]
+
+
+# --- the driver -----------------------------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every unfinished stage in order, then write the report; returns report.json's content."""
+    from llama2.evaluation.report import write_report
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.yaml").write_text(dump_config(cfg, header="llama2 pipeline --preset THIS_FILE"))
+    random.seed(cfg.data.seed)
+    results: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        stage_dir = out / stage.name
+        done = stage_dir / "stage.json"
+        if done.is_file():
+            results[stage.name] = json.loads(done.read_text())
+            print(f"pipeline: {stage.name} already done ({results[stage.name]['seconds']:.0f}s), skipped",
+                  file=sys.stderr)
+            continue
+        print(f"pipeline: {stage.name} ...", file=sys.stderr)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        result = stage.run(cfg, stage_dir)
+        result["seconds"] = time.perf_counter() - start
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tmp.replace(done)  # written last and atomically: a stage is either finished or redone
+        results[stage.name] = result
+    report = write_report(out, results)
+    print(summary_screen(report), file=sys.stderr)
+    return report
+
+
+def summary_screen(report: dict[str, Any]) -> str:
+    lines = ["", "llama2 pipeline: done", f"{'model':8s} {'helpful':>8s} {'violation':>10s} {'false refusal':>14s}"]
+    for name, m in report.get("models", {}).items():
+        lines.append(f"{name:8s} {m['helpfulness']:8.3f} {m['violation_rate']:10.3f} {m['false_refusal_rate']:14.3f}")
+    adherence = report.get("gatt", {}).get("adherence_by_turn", {})
+    if adherence:
+        last = {k: v[-1] for k, v in adherence.items() if v}
+        lines.append("GAtt adherence at the last turn: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()
+                                                                      if v is not None))
+    total = sum(t["seconds"] for t in report.get("timings", {}).values())
+    lines.append(f"total {total / 60:.1f} min; report: {report.get('report_path', '')}")
+    return "\n".join(lines)
+
+
+def preset_path(name: str) -> Path:
+    """A preset name (`smoke`, `demo`) or a YAML path; names are looked up in ./configs and the repository's."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        path = root / "pipeline" / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"pipeline preset {name!r} not found in ./configs/pipeline or the repository's configs")
+
+
+def load_pipeline_config(preset: str, out: str | None, overrides: list[str]) -> PipelineConfig:
+    sets = list(overrides) + ([f"out_dir={out}"] if out else [])
+    return load_config(PipelineConfig, preset_path(preset), sets)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pipeline", help="the whole recipe on the toy world, with a report",
+                              description="Runs every stage of the Llama 2 recipe on the toy world and writes "
+                              "report.md, report.json and plots. A rerun skips finished stages.")
+    p.add_argument("--preset", default="demo", help="smoke (about 3 minutes), demo (about 30 minutes), or a YAML path")
+    p.add_argument("--out", default=None, help="run folder (default: the preset's out_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a setting, e.g. --set sft.epochs=1 (repeatable; types are checked)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    run_pipeline(load_pipeline_config(args.preset, args.out, args.overrides))
+    return 0

@@ -1,0 +1,57 @@
+"""The smoke pipeline end to end, interrupted between stages and resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llama2 import pipeline
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.yaml"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
+    cfg = pipeline.load_pipeline_config(str(SMOKE), str(tmp_path / "run"), [])
+
+    def interrupted(cfg, out):
+        raise KeyboardInterrupt
+
+    stages = list(pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", [s if s.name != "gatt" else pipeline.Stage("gatt", interrupted)
+                                             for s in stages])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")}
+    assert set(finished) == {"data", "pretrain", "sft"}
+
+    ran = []
+    monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage(s.name, _recording(s, ran)) for s in stages])
+    report = pipeline.run_pipeline(cfg)
+    assert ran == ["gatt", "evaluation"]  # finished stages were skipped
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")
+            if p.parent.name in finished} == finished
+
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["models"].keys() == {"base", "sft", "gatt"}
+    for model in saved["models"].values():
+        for key in ("helpfulness", "violation_rate", "false_refusal_rate"):
+            assert 0.0 <= model[key] <= 1.0
+    curves = saved["gatt"]["adherence_by_turn"]
+    assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
+    assert set(saved["timings"]) == {"data", "pretrain", "sft", "gatt", "evaluation"}
+    assert all(t["seconds"] > 0 for t in saved["timings"].values())
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "What each stage did" in text and "gatt_adherence.png" in text
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
+    assert report["checks"]
+
+
+def _recording(stage, ran):
+    def run(cfg, out):
+        ran.append(stage.name)
+        return stage.run(cfg, out)
+
+    return run
