@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llama2.evaluation.bold import read_bold, vader_compound
 from llama2.evaluation.continuations import TEMPERATURE, TOP_P, continue_prompts
 from llama2.evaluation.hf_classifier import HFToxicityClassifier
@@ -113,8 +115,8 @@ def toxicity_classifier(ctx: EvalContext, toxigen_dir: Path) -> ToxicityClassifi
     spec = ctx.options.get("classifier", "builtin")
     if spec == "builtin":
         return builtin_classifier(toxigen_dir)
-    return HFToxicityClassifier.load(Path(spec), ctx.device or "cpu", ctx.options.get("toxic_label"),
-                                     ctx.batch_size)
+    device = ctx.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where the model under test runs
+    return HFToxicityClassifier.load(Path(spec), device, ctx.options.get("toxic_label"), ctx.batch_size)
 
 
 @task("toxigen")
