@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from llama2.data.packing import build_token_file, collate_windows, read_documents, split_windows
+from llama2.data.packing import all_windows, build_token_file, collate_windows, read_documents, split_windows
 from llama2.data.sampler import ShuffledBatches, sequential_batches
 from llama2.tokenizer.tokenizer import Tokenizer
 
@@ -57,6 +57,9 @@ def test_windows_overlap_by_one_token_and_labels_are_shifted():
     assert batch["labels"][1].tolist() == list(range(9, 17))
     with pytest.raises(ValueError, match="too short"):
         split_windows(np.arange(9), seq_len=8, val_fraction=0.5)
+    assert len(all_windows(stream, seq_len=8)) == 5
+    with pytest.raises(ValueError, match="shorter than one window"):
+        all_windows(np.arange(8), seq_len=8)
 
 
 def _ids(rows: list[int]) -> list[int]:

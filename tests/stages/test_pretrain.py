@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -103,3 +104,14 @@ def test_resume_after_sigkill_at_three_points_is_bit_exact(tmp_path, pretrain_da
     assert _timing_free(run / "metrics.jsonl") == _timing_free(reference / "metrics.jsonl")
     ref_meta = json.loads((reference / final / "trainer.json").read_text())
     assert json.loads((run / final / "trainer.json").read_text()) == ref_meta
+
+
+def test_separate_validation_files(tmp_path, pretrain_data):
+    corpus, _ = pretrain_data
+    held_out = tmp_path / "valid.jsonl"
+    held_out.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus.read_text().split("\n\n")[:40]))
+    out = tmp_path / "run"
+    sets = overrides(pretrain_data, out, steps=2, val_every=1) + [f"data.val_files=[{held_out}]", "data.val_fraction=0"]
+    result = pretrain.run(load_config(pretrain.Config, SMOKE, sets))
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+    assert len(list((out / "token_cache").glob("tokens-*.bin"))) == 2

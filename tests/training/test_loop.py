@@ -209,10 +209,11 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path):
             signal.raise_signal(signal.SIGINT)
         return causal_lm_loss(model, batch)
 
+    before = signal.getsignal(signal.SIGINT)
     _, result = fit(tmp_path, loss_fn=interrupting, checkpoint_every=0)
     assert result.interrupted and result.step == 3
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
     _, resumed = fit(tmp_path, checkpoint_every=0)
     assert resumed.step == 6 and not resumed.interrupted
 

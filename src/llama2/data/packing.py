@@ -141,6 +141,14 @@ class PackedWindows(Sequence[np.ndarray]):
         return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
 
 
+def all_windows(tokens: np.ndarray, seq_len: int) -> PackedWindows:
+    """Every whole window of the stream (a separate validation file, for instance)."""
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"the token stream ({len(tokens)} tokens) is shorter than one window of {seq_len} + 1")
+    return PackedWindows(tokens, seq_len, 0, n)
+
+
 def split_windows(tokens: np.ndarray, seq_len: int, val_fraction: float) -> tuple[PackedWindows, PackedWindows]:
     """Train and validation windows: the validation set is the stream's tail (at least one window when
     `val_fraction` > 0), so it never overlaps training text except for one boundary token."""

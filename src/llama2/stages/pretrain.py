@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from llama2.config import dump_config
-from llama2.data.packing import build_token_file, collate_windows, split_windows
+from llama2.data.packing import all_windows, build_token_file, collate_windows, split_windows
 from llama2.data.sampler import ShuffledBatches, sequential_batches
 from llama2.model.args import ModelArgs
 from llama2.model.transformer import Transformer
@@ -58,8 +58,10 @@ class DataConfig:
     """Text files: `.txt` (documents separated by blank lines) or `.jsonl` with a `text` field."""
     tokenizer: str = ""
     """A SentencePiece `tokenizer.model` (or the folder holding it)."""
+    val_files: list[str] = field(default_factory=list)
+    """Held-out text files for validation; when empty, `val_fraction` of the training stream is held out."""
     val_fraction: float = 0.01
-    """Share of the token windows held out for validation (taken from the end of the stream)."""
+    """Share of the token windows held out for validation (the stream's tail), used without `val_files`."""
     cache_dir: str | None = None
     """Where the tokenized stream is cached (None: `<out_dir>/token_cache`)."""
     seed: int = 0
@@ -83,9 +85,13 @@ class Config:
 def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
     """Rank 0 tokenizes (or finds the cache); every process maps the same file and takes its own slice."""
     cache = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "token_cache")
-    token_file = build_token_file(cfg.data.train_files, tokenizer, cache) if env.is_main else None
-    token_file = broadcast_object(env, token_file)
-    train_set, val_set = split_windows(token_file.open(), seq_len, cfg.data.val_fraction)
+    files = [cfg.data.train_files] + ([cfg.data.val_files] if cfg.data.val_files else [])
+    token_files = [build_token_file(f, tokenizer, cache) for f in files] if env.is_main else None
+    token_file, *val_file = broadcast_object(env, token_files)
+    if val_file:
+        train_set, val_set = all_windows(token_file.open(), seq_len), all_windows(val_file[0].open(), seq_len)
+    else:
+        train_set, val_set = split_windows(token_file.open(), seq_len, cfg.data.val_fraction)
     t = cfg.train
     batches = ShuffledBatches(train_set, collate_windows, t.micro_batch_size, t.global_batch_size,
                               env.rank, env.world_size, cfg.data.seed)

@@ -261,9 +261,11 @@ class Trainer:
             raise TrainingError(f"cannot write to run directory {self.run_dir}: {exc.strerror or exc}") from exc
 
     def _resume_or_start(self) -> None:
+        # Seed first: a resumed process overwrites this with its saved state, unless it has none (the run
+        # now has more processes than when it was saved).
+        self._seed(self.cfg.seed + self.env.rank)
         ckpt = find_resume_point(self.ckpt_root, self.env)
         if ckpt is None:
-            self._seed(self.cfg.seed + self.env.rank)
             if self.env.is_main:
                 self.metrics_path.write_text("")
             return
