@@ -13,6 +13,7 @@ STAGES = {
     "pretrain": ("llama2.stages.pretrain", "pretrain a model from scratch on text files (.txt / .jsonl)"),
     "sft": ("llama2.stages.sft", "supervised fine-tuning on chat jsonl in the Llama 2 chat format"),
     "reward": ("llama2.stages.reward", "train a helpfulness or safety reward model on preference pairs"),
+    "rejection-sample": ("llama2.stages.rejection_sampling", "best-of-K sampling scored by reward models, then SFT"),
     "gatt": ("llama2.stages.gatt", "Ghost Attention: keep a system instruction over many turns"),
 }
 """Subcommand → (module, one-line help)."""
