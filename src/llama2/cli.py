@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "llama2.data.commands",
     "llama2.stages.commands",
     "llama2.evaluation.commands",
+    "llama2.evaluation.redteam_commands",
     "llama2.pipeline",
 ]
 
