@@ -15,6 +15,8 @@ STAGES = {
     "reward": ("llama2.stages.reward", "train a helpfulness or safety reward model on preference pairs"),
     "rejection-sample": ("llama2.stages.rejection_sampling", "best-of-K sampling scored by reward models, then SFT"),
     "gatt": ("llama2.stages.gatt", "Ghost Attention: keep a system instruction over many turns"),
+    "distill": ("llama2.stages.safety", "safety context distillation: preprompted answers, RM-targeted, fine-tuned"),
+    "safety-scaling": ("llama2.stages.safety_scaling", "safety SFT at 0-100% of the safety data, evaluated each"),
 }
 """Subcommand → (module, one-line help)."""
 
