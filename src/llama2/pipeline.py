@@ -110,6 +110,7 @@ def run_pretrain(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     data = out.parent / "data"
     stage = replace(cfg.pretrain, out_dir=str(out),
                     data=replace(cfg.pretrain.data, train_files=[str(data / "pretrain.txt")],
+                                 val_files=[str(data / "pretrain_valid.txt")],
                                  tokenizer=str(data / "tokenizer" / "tokenizer.model")))
     return _train_summary(pretrain.run(stage), out)
 
@@ -117,7 +118,8 @@ def run_pretrain(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     data = out.parent / "data"
     stage = replace(cfg.sft, out_dir=str(out), init_from=str(out.parent / "pretrain"),
-                    data=replace(cfg.sft.data, train_files=[str(data / "sft_helpful.jsonl")]))
+                    data=replace(cfg.sft.data, train_files=[str(data / "sft_helpful.jsonl")],
+                                 val_files=[str(data / "sft_valid.jsonl")]))
     return _train_summary(sft.run(stage), out)
 
 

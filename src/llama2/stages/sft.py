@@ -119,8 +119,7 @@ def run(cfg: Config) -> TrainResult:
         val = None
         if cfg.data.val_files:
             val_set = pack_files(cfg.data.val_files, tokenizer, seq_len, cfg.data)
-            val = partial(sequential_batches, val_set, collate_chat, t.micro_batch_size, env.rank, env.world_size,
-                          t.val_batches)
+            val = partial(sequential_batches, val_set, collate_chat, t.micro_batch_size, env.rank, env.world_size)
         # 3. the loop
         resolved = replace(cfg, max_seq_len=seq_len, train=train_cfg)
         trainer = Trainer(
