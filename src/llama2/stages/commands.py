@@ -15,6 +15,7 @@ STAGES = {
     "reward": ("llama2.stages.reward", "train a helpfulness or safety reward model on preference pairs"),
     "rejection-sample": ("llama2.stages.rejection_sampling", "best-of-K sampling scored by reward models, then SFT"),
     "gatt": ("llama2.stages.gatt", "Ghost Attention: keep a system instruction over many turns"),
+    "ppo": ("llama2.stages.ppo", "PPO against the safety-gated reward R_c with a KL penalty to the start policy"),
     "distill": ("llama2.stages.safety", "safety context distillation: preprompted answers, RM-targeted, fine-tuned"),
     "safety-scaling": ("llama2.stages.safety_scaling", "safety SFT at 0-100% of the safety data, evaluated each"),
 }

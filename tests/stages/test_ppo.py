@@ -1,0 +1,158 @@
+"""PPO stage: log-prob parity between generation and training, a tiny run that learns a known best answer,
+exact resume after a kill mid-iteration, the warnings, and the presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama2 import ModelArgs, Tokenizer, Transformer
+from llama2.config import load_config
+from llama2.data.formats import dumps
+from llama2.model.checkpoint import save_hf
+from llama2.stages import ppo
+from llama2.stages.artifacts import model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_tokenizer_path):
+    """(policy dir, prompts file, tokenizer): a random 2-layer model and 8 short prompts, 2 tagged safety."""
+    tokenizer = Tokenizer(tiny_tokenizer_path)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, multiple_of=16,
+                     max_seq_len=128)
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    policy = save_hf(model, tmp_path / "policy", tokenizer_model=tiny_tokenizer_path)
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["owls", "river", "capital", "song", "cat", "dog", "bird", "queen"]
+    prompts.write_text("".join(
+        dumps({"messages": [{"role": "user", "content": f"Tell me about the {w}."}],
+               "meta": {"kind": "adversarial" if i < 2 else "helpful"}}) + "\n" for i, w in enumerate(words)))
+    return policy, prompts, tokenizer
+
+
+def target_scorer(parity: int) -> ppo.Scorer:
+    """A toy reward with a known best answer: the fraction of response ids with this parity (even/odd), so
+    a random policy starts near 0.5 and the best policy only ever samples such ids."""
+
+    def score(prompts, texts, ids):
+        return ppo.Scores(torch.tensor([sum(t % 2 == parity for t in r) / max(len(r), 1) for r in ids]), None)
+
+    return score
+
+
+def config(tmp_path: Path, policy: Path, prompts: Path, **ppo_fields) -> ppo.Config:
+    hyper = {"iterations": 4, "batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 2,
+             "generation_batch_size": 8, "max_gen_len": 6, "beta": 0.01, **ppo_fields}
+    return ppo.Config(out_dir=str(tmp_path / "run"), device="cpu", checkpoint_every=1,
+                      models=ppo.Models(policy=str(policy)), prompts=ppo.Prompts(files=[str(prompts)]),
+                      ppo=ppo.PPOHyper(**hyper), optim=ppo.Optim(lr=1e-3))
+
+
+@pytest.mark.parametrize("value", ["shared", "separate"])
+def test_generation_logprobs_equal_the_training_forward(setup, value):
+    policy_dir, prompts_file, tokenizer = setup
+    cfg = config(Path("."), policy_dir, prompts_file)
+    cfg.models.value = value
+    env = ppo.init_distributed("cpu")
+    model, reference, tokenizer, _ = ppo._setup_models(cfg, env)
+    prompts = ppo.read_prompts([str(prompts_file)], tokenizer, cfg.prompts)
+    assert [p.is_safety for p in prompts] == [True, True] + [False] * 6
+    rollout, texts = ppo.make_rollout(model, reference, prompts, tokenizer, target_scorer(5), cfg.ppo,
+                                      torch.Generator().manual_seed(0))
+    assert rollout.generation_parity <= 1e-5
+    assert rollout.mask.sum() > len(prompts)  # real responses were sampled
+    # before any update π_θ = π_0: the KL is exactly 0 and every reward is the score at the last token
+    assert rollout.kl.abs().max() == 0
+    torch.testing.assert_close(rollout.rewards.sum(1), rollout.score)
+    assert rollout.tokens.shape[1] - 1 == rollout.mask.shape[1] == rollout.values.shape[1]
+
+
+@pytest.mark.slow
+def test_tiny_ppo_learns_the_target_token(setup, tmp_path):
+    policy_dir, prompts_file, tokenizer = setup
+    cfg = config(tmp_path, policy_dir, prompts_file, iterations=10, batch_size=16, mini_batch_size=8,
+                 micro_batch_size=8, generation_batch_size=16, epochs=2, beta=0.0)
+    cfg.optim.lr = 1e-2
+    cfg.checkpoint_every = 0
+    result = ppo.run(cfg, scorer=target_scorer(0))
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 10 and result.iteration == 10
+    start = sum(r["reward_helpfulness"] for r in history[:3]) / 3
+    end = sum(r["reward_helpfulness"] for r in history[-3:]) / 3
+    assert end > start + 0.15, (start, end)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["reward_start"] == history[0]["reward_combined"]
+    assert summary["reward_end"] == history[-1]["reward_combined"]
+    assert {"mean_kl", "kl_estimator", "reward_source"} <= set(summary)
+    assert (tmp_path / "run" / "ppo_curves.png").stat().st_size > 0
+    assert (model_dir(tmp_path / "run") / "config.json").is_file()
+    for key in ("entropy", "clip_fraction", "value_loss", "approx_kl", "kl", "response_length",
+                "reward_whitened_mean", "generation_logprob_max_diff"):
+        assert key in history[-1]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_killed_mid_iteration_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
+    policy_dir, prompts_file, _ = setup
+    straight = config(tmp_path / "straight", policy_dir, prompts_file, kl_estimator="k3", iterations=3)
+    ppo.run(straight, scorer=target_scorer(1))
+
+    def kill(point: str, step: int) -> None:
+        if (point, step) == ("mid_iteration", 3):
+            raise Killed
+
+    interrupted = config(tmp_path / "interrupted", policy_dir, prompts_file, kl_estimator="k3", iterations=3)
+    straight.checkpoint_every = interrupted.checkpoint_every = 2  # killed in iteration 3, resumed from 2
+    monkeypatch.setattr(ppo, "maybe_kill", kill)
+    with pytest.raises(Killed):
+        ppo.run(interrupted, scorer=target_scorer(1))
+    monkeypatch.undo()
+    torch.manual_seed(1234)  # a resumed process starts with other global RNG state; it must not matter
+    result = ppo.run(interrupted, scorer=target_scorer(1))
+    assert result.iteration == 3
+    a = load_file(str(model_dir(tmp_path / "straight" / "run") / "model.safetensors"))
+    b = load_file(str(model_dir(tmp_path / "interrupted" / "run") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def lines(root: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(ln).items() if not k.startswith("seconds")}
+                for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines(tmp_path / "straight") == lines(tmp_path / "interrupted")
+
+
+def test_warnings_flag_negative_kl_runaway_length_and_reward_hacking():
+    h = ppo.PPOHyper(max_gen_len=10)
+    calm = {"kl": 0.1, "response_length": 4.0, "truncated_fraction": 0.0}
+    assert ppo.warnings_for(calm, [], h, window=4) == []
+    assert "negative KL" in ppo.warnings_for({**calm, "kl": -0.2}, [], h, 4)[0]
+    assert "runaway length" in ppo.warnings_for({**calm, "response_length": 9.5}, [], h, 4)[0]
+    history = [{**calm, "reward_combined": 0.1 * i, "oracle_combined": 0.5 - 0.1 * i} for i in range(3)]
+    last = {**calm, "reward_combined": 0.5, "oracle_combined": 0.1}
+    assert any("reward hacking" in w for w in ppo.warnings_for(last, history, h, 4))
+    honest = [{**r, "oracle_combined": r["reward_combined"]} for r in history]
+    assert ppo.warnings_for({**last, "oracle_combined": 0.5}, honest, h, 4) == []
+
+
+@pytest.mark.parametrize("preset", ["smoke", "demo", "7b", "70b"])
+def test_presets_load_and_name_their_launch_command(preset):
+    path = REPO / "configs" / "ppo" / f"{preset}.yaml"
+    assert path.read_text().startswith(f"# llama2 ppo --config configs/ppo/{preset}.yaml")
+    cfg = load_config(ppo.Config, path)
+    assert cfg.ppo.clip == 0.2 and cfg.ppo.kl_estimator in ("k1", "k2", "k3")
+    if preset in ("7b", "70b"):
+        assert (cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.optim.lr) == (512, 64, 1e-6)
+        assert cfg.ppo.beta == {"7b": 0.01, "70b": 0.005}[preset]
