@@ -2,7 +2,8 @@
 
     llama2 pipeline --preset smoke|demo --out DIR [--set section.key=value ...]
 
-toy world → tokenizer → pretrain → SFT → GAtt → evaluation of every stage's model with the same oracle
+toy world → tokenizer → pretrain → SFT → helpfulness and safety reward models → rejection sampling →
+PPO → GAtt → targeted safety context distillation → evaluation of every stage's model with the same oracle
 judges → `report.md`, `report.json` and plots. Each stage writes `<out>/<stage>/stage.json` when it has
 finished; a rerun skips finished stages, and an interrupted stage resumes from its own checkpoints.
 Stages that later issues add (reward models, rejection sampling, PPO, safety) plug in as entries of
@@ -18,12 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llama2.config import dump_config, load_config
 from llama2.data.formats import dumps
-from llama2.stages import gatt, pretrain, sft
+from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
 from llama2.stages.artifacts import model_dir
+from llama2.training.loop import TrainConfig
 
 
 @dataclass
@@ -38,6 +40,9 @@ class DataSettings:
     """Pieces of the toy SentencePiece tokenizer (Llama 2 settings)."""
     sft_dialogs: int = 20_000
     """Helpful-only SFT demonstrations (the safety stages add safety data on top, SPEC §10.2)."""
+    rl_prompts: int = 1000
+    """Training prompts for rejection sampling and PPO (train-split tasks, a third of them adversarial);
+    never the evaluation prompts."""
 
 
 @dataclass
@@ -55,6 +60,19 @@ class EvalSettings:
 
 
 @dataclass
+class DistillSettings:
+    """Safety context distillation inside the pipeline (the model and the safety RM come from earlier stages)."""
+
+    score_with: Literal["rm", "oracle"] = "rm"
+    """Keep a distilled answer where the pipeline's safety RM (SPEC §10.2) or the toy oracle scores it safer."""
+    data: safety.DistillData = field(default_factory=safety.DistillData)
+    epochs: float = 2.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4,
+                                                                   lr=2e-5, warmup_steps=0))
+    """The fine-tuning engine settings (`steps` is set from `epochs`)."""
+
+
+@dataclass
 class PipelineConfig:
     """`llama2 pipeline`: every stage's settings; paths between stages are filled in by the pipeline."""
 
@@ -65,6 +83,16 @@ class PipelineConfig:
     """Pretraining (`out_dir`, data files and tokenizer are set by the pipeline)."""
     sft: sft.Config = field(default_factory=sft.Config)
     """SFT (`out_dir`, `init_from` and data files are set by the pipeline)."""
+    reward_helpfulness: reward.Config = field(default_factory=lambda: reward.Config(kind="helpfulness"))
+    """The helpfulness RM (`out_dir`, `init_from` and the pair files are set by the pipeline)."""
+    reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety"))
+    """The safety RM (likewise)."""
+    rejection_sampling: rejection_sampling.Config = field(default_factory=rejection_sampling.Config)
+    """Rejection sampling (policy, RMs and prompts are set by the pipeline)."""
+    ppo: ppo.Config = field(default_factory=ppo.Config)
+    """PPO from the rejection-sampling model (policy, RMs and prompts are set by the pipeline)."""
+    safety: DistillSettings = field(default_factory=lambda: DistillSettings())
+    """Targeted safety context distillation of the GAtt model."""
     gatt: gatt.Config = field(default_factory=gatt.Config)
     """Ghost Attention (`out_dir` and `init_from` are set by the pipeline)."""
     evaluation: EvalSettings = field(default_factory=EvalSettings)
@@ -89,8 +117,21 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     world = ToyWorld(cfg.data.seed)
     dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+    # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
+    # for the reply), tagged for the safety gate (SPEC §8).
+    rl = [_last_turns(d[:-1], 2) for d in world.sft_dialogs(cfg.data.rl_prompts, seed=7, safety_rate=0.35,
+                                                            constraint_rate=0.0)]
+    kinds = ["adversarial" if world.is_adversarial(d) else "helpful" for d in rl]
+    (out / "rl_prompts.jsonl").write_text("".join(dumps({"messages": d, "meta": {"kind": k}}) + "\n"
+                                                  for d, k in zip(rl, kinds, strict=True)))
     tokenizer = train_tokenizer([out / "pretrain.txt"], out / "tokenizer", cfg.data.tokenizer_vocab)
     return {"tokenizer": str(tokenizer), "files": sorted(manifest["files"]), "sft_dialogs": len(dialogs)}
+
+
+def _last_turns(dialog: list, turns: int) -> list:
+    """The dialog's last `turns` user turns (with the answers between them); it ends with a user turn."""
+    starts = [i for i, m in enumerate(dialog) if m["role"] == "user"]
+    return dialog[starts[-turns] if len(starts) > turns else 0 :]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -123,15 +164,68 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     return _train_summary(sft.run(stage), out)
 
 
+def _run_reward(base: reward.Config, out: Path, train: str, mix: str) -> dict[str, Any]:
+    data = out.parent / "data"
+    stage = replace(base, out_dir=str(out), init_from=str(out.parent / "sft"),
+                    data=replace(base.data, train_files=[str(data / f"pref_{train}_train.jsonl")],
+                                 mix_files=[str(data / f"pref_{mix}_train.jsonl")],
+                                 test_files=[str(data / f"pref_{train}_test.jsonl")]),
+                    eval=replace(base.eval, oracle="toyworld"))
+    result = _train_summary(reward.run(stage), out)
+    return {**result, "rm_eval": json.loads((out / "rm_eval.json").read_text())}
+
+
+def run_reward_helpfulness(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    return _run_reward(replace(cfg.reward_helpfulness, kind="helpfulness"), out, "helpfulness", "safety")
+
+
+def run_reward_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    return _run_reward(replace(cfg.reward_safety, kind="safety"), out, "safety", "helpfulness")
+
+
+def run_rejection_sampling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    root = out.parent
+    stage = replace(cfg.rejection_sampling, out_dir=str(out), policy=str(root / "sft"),
+                    helpfulness_rm=str(root / "reward_helpfulness"), safety_rm=str(root / "reward_safety"),
+                    prompt_files=[str(root / "data" / "rl_prompts.jsonl")], oracle="toyworld",
+                    world_seed=cfg.data.seed)
+    result = _train_summary(rejection_sampling.run(stage), out / "sft")
+    return {**result, "best_of_n": json.loads((out / rejection_sampling.BEST_OF_N).read_text())}
+
+
+def run_ppo(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    root = out.parent
+    models = replace(cfg.ppo.models, policy=str(model_dir(root / "rejection_sampling" / "sft")),
+                     helpfulness_rm=str(root / "reward_helpfulness"), safety_rm=str(root / "reward_safety"),
+                     toyworld_seed=cfg.data.seed)
+    stage = replace(cfg.ppo, out_dir=str(out), models=models,
+                    prompts=replace(cfg.ppo.prompts, files=[str(root / "data" / "rl_prompts.jsonl")]))
+    result = ppo.run(stage)
+    return {"model": str(model_dir(out)), "iterations": result.iteration, "summary": result.summary}
+
+
+def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    root = out.parent
+    d = cfg.safety
+    stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,
+                          safety_rm=str(root / "reward_safety") if d.score_with == "rm" else None,
+                          data=replace(d.data, world_seed=cfg.data.seed), epochs=d.epochs, train=d.train)
+    result = _train_summary(safety.run(stage), out)
+    return {**result, "distill": json.loads((out / "distill_report.json").read_text())}
+
+
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    stage = replace(cfg.gatt, out_dir=str(out), init_from=str(out.parent / "sft"),
+    stage = replace(cfg.gatt, out_dir=str(out), init_from=str(model_dir(out.parent / RLHF_MODEL)),
                     data=replace(cfg.gatt.data, world_seed=cfg.data.seed))
     summary = _train_summary(gatt.run(stage), out)
     return {**summary, **json.loads((out / "report.json").read_text())}
 
 
-# Each evaluated model: the stage whose model it is, and its name in report.json's `models`.
-EVALUATED = {"base": "pretrain", "sft": "sft", "gatt": "gatt"}
+# The newest RLHF model (GAtt starts from it, as the paper applies GAtt after RLHF-V3).
+RLHF_MODEL = "ppo"
+# Each evaluated model: its name in report.json's `models`, and the run folder holding it.
+EVALUATED = {"base": "pretrain", "sft": "sft", "rejection_sampling": "rejection_sampling/sft", "rlhf": RLHF_MODEL,
+             "gatt": "gatt", "safety": "safety"}
 
 
 def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
@@ -148,7 +242,7 @@ def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         llm = Llama.load(model_dir(out.parent / stage))
         print(f"evaluation: {name} model", file=sys.stderr)
         models[name] = oracle_evaluation(llm, world, settings, out.parent / "data")
-        if name in ("sft", "gatt"):
+        if name in ("rlhf", "gatt"):
             adherence[name] = evaluate_adherence(llm, AdherenceSettings(dialogs=e.gatt_dialogs, turns=e.gatt_turns),
                                                  cfg.data.seed)
     return {"models": models, "adherence": adherence}
@@ -158,7 +252,12 @@ STAGES = [
     Stage("data", run_data),
     Stage("pretrain", run_pretrain),
     Stage("sft", run_sft),
+    Stage("reward_helpfulness", run_reward_helpfulness),
+    Stage("reward_safety", run_reward_safety),
+    Stage("rejection_sampling", run_rejection_sampling),
+    Stage("ppo", run_ppo),
     Stage("gatt", run_gatt),
+    Stage("safety", run_safety),
     Stage("evaluation", run_evaluation),
 ]
 
@@ -198,9 +297,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def summary_screen(report: dict[str, Any]) -> str:
-    lines = ["", "llama2 pipeline: done", f"{'model':8s} {'helpful':>8s} {'violation':>10s} {'false refusal':>14s}"]
+    lines = ["", "llama2 pipeline: done", f"{'model':18s} {'helpful':>8s} {'violation':>10s} {'false refusal':>14s}"]
     for name, m in report.get("models", {}).items():
-        lines.append(f"{name:8s} {m['helpfulness']:8.3f} {m['violation_rate']:10.3f} {m['false_refusal_rate']:14.3f}")
+        lines.append(f"{name:18s} {m['helpfulness']:8.3f} {m['violation_rate']:10.3f} {m['false_refusal_rate']:14.3f}")
     adherence = report.get("gatt", {}).get("adherence_by_turn", {})
     if adherence:
         last = {k: v[-1] for k, v in adherence.items() if v}

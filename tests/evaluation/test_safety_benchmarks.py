@@ -10,7 +10,6 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from tests.evaluation.test_toxicity import make_hf_classifier
 
 from llama2 import ModelArgs, Tokenizer, Transformer
 from llama2.cli import main
@@ -20,6 +19,7 @@ from llama2.evaluation.hf_classifier import HFToxicityClassifier
 from llama2.evaluation.truthfulqa import QA_PRIMER, mc1_correct, mc2_score, read_truthfulqa, truthfulqa_context
 from llama2.generation.llama import Llama
 from llama2.model.checkpoint import save_hf
+from tests.evaluation.test_toxicity import make_hf_classifier
 
 
 def lm_eval_mc2(lls, labels):

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
-LOSS_STAGES = ("pretrain", "sft", "gatt")
+LOSS_STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "gatt")
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -23,11 +23,13 @@ def _metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(out: Path) -> str | None:
-    fig, axes = plt.subplots(1, len(LOSS_STAGES), figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, len(LOSS_STAGES), figsize=(3.2 * len(LOSS_STAGES), 3.2))
     drawn = False
     for ax, stage in zip(axes, LOSS_STAGES, strict=True):
         rows = _metrics(out / stage / "metrics.jsonl")
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        if stage == "gatt" and not rows:
+            continue
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
             ax.plot(*zip(*train, strict=True), label="train")
@@ -66,8 +68,8 @@ def _adherence(results: dict[str, Any]) -> dict[str, dict[str, list]]:
     adherence = results.get("evaluation", {}).get("adherence", {})
     out: dict[str, dict[str, list]] = {}
     for pool in ("seen", "held_out"):
-        if "sft" in adherence and "gatt" in adherence:
-            out[pool] = {"without_gatt": adherence["sft"][pool]["adherence"],
+        if "rlhf" in adherence and "gatt" in adherence:
+            out[pool] = {"without_gatt": adherence["rlhf"][pool]["adherence"],
                          "with_gatt": adherence["gatt"][pool]["adherence"]}
     return out
 
@@ -83,9 +85,71 @@ def plot_adherence(out: Path, curves: dict[str, dict[str, list]]) -> str | None:
     return "gatt_adherence.png"
 
 
-def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]]) -> list[tuple[str, bool, str]]:
-    """(paper claim, reproduced here?, the numbers)."""
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def reward_model_section(results: dict[str, Any]) -> dict[str, Any]:
+    """`reward_models.<kind>`: accuracy by rating on the RM's own test set, and the labels' ceiling."""
+    out = {}
+    for kind in ("helpfulness", "safety"):
+        rm_eval = results.get(f"reward_{kind}", {}).get("rm_eval")
+        if not rm_eval:
+            continue
+        own = next(v for k, v in rm_eval["test_sets"].items() if kind in k)
+        out[kind] = {"accuracy_by_rating": own["accuracy_by_rating"], "label_ceiling": own.get("label_ceiling"),
+                     "oracle_correlation": own.get("oracle_correlation"), "pairs": own["pairs"]}
+        if "unsafe_recall" in own:
+            out[kind]["unsafe_recall"] = own["unsafe_recall"]["recall"]
+    return out
+
+
+def _rm_checks(rms: dict[str, Any]) -> list[tuple[str, bool, str]]:
     checks = []
+    for kind, rm in rms.items():
+        acc, ceiling = rm["accuracy_by_rating"]["overall"], rm["label_ceiling"]
+        if ceiling:
+            checks.append((f"{kind} RM accuracy is at least 90% of what the noisy labels allow", acc >= 0.9 * ceiling,
+                           f"accuracy {acc:.3f}, label ceiling {ceiling:.3f}"))
+        by = rm["accuracy_by_rating"]
+        if by.get("significantly_better") is not None and by.get("negligibly_better") is not None:
+            gap = by["significantly_better"] - by["negligibly_better"]
+            checks.append((f"{kind} RM: accuracy grows with the rating gap (Table 8)", gap >= 0.15,
+                           f"significantly better {by['significantly_better']:.3f}, negligibly better "
+                           f"{by['negligibly_better']:.3f}"))
+        if "unsafe_recall" in rm:
+            checks.append(("safety RM flags unsafe responses (recall at 0.5)", rm["unsafe_recall"] >= 0.9,
+                           f"recall {rm['unsafe_recall']:.3f}"))
+    return checks
+
+
+def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms: dict[str, Any],
+            best_of_n: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """(paper claim, reproduced here?, the numbers)."""
+    checks = _rm_checks(rms)
+    oracle = best_of_n.get("oracle_helpfulness_by_n", {})
+    if "1" in oracle and "8" in oracle:
+        checks.append(("Best-of-N: the oracle helpfulness of the best sample rises with N (Fig. 7)",
+                       oracle["8"] > oracle["1"], f"N=1 {oracle['1']:.3f}, N=8 {oracle['8']:.3f}"))
+    if "sft" in models and "rejection_sampling" in models:
+        s, r = models["sft"]["helpfulness"], models["rejection_sampling"]["helpfulness"]
+        checks.append(("Rejection sampling beats its SFT start on oracle helpfulness", r > s, f"{s:.3f} → {r:.3f}"))
+    if "rejection_sampling" in models and "rlhf" in models:
+        before, after = models["rejection_sampling"], models["rlhf"]
+        checks.append(("PPO raises oracle helpfulness", after["helpfulness"] > before["helpfulness"],
+                       f"{before['helpfulness']:.3f} → {after['helpfulness']:.3f}"))
+        checks.append(("PPO does not raise the violation rate", after["violation_rate"] <= before["violation_rate"],
+                       f"{before['violation_rate']:.3f} → {after['violation_rate']:.3f}"))
+    if "safety" in models and "sft" in models:
+        sft_v, safe = models["sft"]["violation_rate"], models["safety"]
+        checks.append(("Safety tuning at least halves the SFT model's violation rate",
+                       safe["violation_rate"] <= sft_v / 2,
+                       f"SFT {sft_v:.3f}, safety-tuned {safe['violation_rate']:.3f}"))
+        checks.append(("Safety-tuned model's false refusals on borderline prompts stay at most 0.2",
+                       safe["borderline_false_refusal_rate"] <= 0.2, f"{safe['borderline_false_refusal_rate']:.3f}"))
+        before = models.get("gatt", models["sft"])
+        checks.append(("Safety tuning keeps helpfulness (within 0.05 of the model before it)",
+                       safe["helpfulness"] >= before["helpfulness"] - 0.05,
+                       f"{before['helpfulness']:.3f} → {safe['helpfulness']:.3f}"))
     if "base" in models and "sft" in models:
         b, s = models["base"]["helpfulness"], models["sft"]["helpfulness"]
         checks.append(("SFT makes the model more helpful than the pretrained one", s > b, f"{b:.3f} → {s:.3f}"))
@@ -109,19 +173,36 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     evaluation = results.get("evaluation", {})
     models = {name: {k: v for k, v in m.items() if k != "examples"} for name, m in evaluation.get("models", {}).items()}
     adherence = _adherence(results)
+    rms = reward_model_section(results)
+    best_of_n = results.get("rejection_sampling", {}).get("best_of_n", {})
     report: dict[str, Any] = {
         "models": models,
         "timings": {name: {"seconds": round(r["seconds"], 1)} for name, r in results.items()},
         "stages": {name: {k: v for k, v in r.items() if k not in ("models", "adherence")}
                    for name, r in results.items() if name != "evaluation"},
     }
+    if rms:
+        report["reward_models"] = rms
+    ppo_summary = results.get("ppo", {}).get("summary")
+    if ppo_summary:
+        report["ppo"] = ppo_summary
+    distill = results.get("safety", {}).get("distill")
+    if distill:
+        report["safety_distillation"] = {k: distill[k] for k in ("scorer", "prompts", "kept", "share_kept", "scores")
+                                         if k in distill}
+    if best_of_n:
+        report["rejection_sampling"] = {k: v for k, v in best_of_n.items()
+                                        if k.endswith("_by_n") or k == "by_temperature"}
     if adherence:
         report["gatt"] = {"adherence_by_turn": adherence["seen"],
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
                           "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
+    stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
+                   *sorted(str(p.relative_to(out)) for p in out.glob("reward_*/rm_scores_*.png"))]
     plots = [p for p in (plot_losses(out), plot_stage_scores(out, models) if models else None,
                          plot_adherence(out, adherence)) if p]
-    checks = _checks(models, adherence)
+    plots += [p for p in stage_plots if (out / p).is_file()]
+    checks = _checks(models, adherence, rms, best_of_n)
     report["checks"] = [{"claim": c, "reproduced": ok, "numbers": n} for c, ok, n in checks]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, evaluation.get("models", {}), plots))
@@ -139,6 +220,37 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                      f"{m['false_refusal_rate']:.3f} | {m['borderline_false_refusal_rate']:.3f} |")
     lines += ["", "## Paper results, checked on the toy world", "", "| claim | reproduced | numbers |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {'yes' if c['reproduced'] else '**no**'} | {c['numbers']} |" for c in report["checks"]]
+    if "reward_models" in report:
+        lines += ["", "## Reward models: accuracy by rating level (Table 8 layout)", "",
+                  "| RM | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | overall | label ceiling |",
+                  "|---|" + "---|" * (len(RATINGS) + 2)]
+        for kind, rm in report["reward_models"].items():
+            by = rm["accuracy_by_rating"]
+            cells = ["–" if by.get(r) is None else f"{by[r]:.3f}" for r in (*RATINGS, "overall")]
+            ceiling = "–" if rm["label_ceiling"] is None else f"{rm['label_ceiling']:.3f}"
+            lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ceiling} |")
+    if "rejection_sampling" in report:
+        rs = report["rejection_sampling"]
+        ns = list(rs.get("reward_by_n", {}))
+        lines += ["", "## Rejection sampling: best of N (Fig. 7 analogue)", "",
+                  "| | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for key in ("reward_by_n", "oracle_helpfulness_by_n", "oracle_safety_by_n"):
+            if key in rs:
+                lines.append(f"| {key.replace('_by_n', '').replace('_', ' ')} | "
+                             + " | ".join(f"{rs[key][n]:.3f}" for n in ns) + " |")
+    if "ppo" in report:
+        p = report["ppo"]
+        nan = float("nan")
+        lines += ["", "## PPO", "", f"Reward (R_c, sigmoid scale) {p['reward_start']:.3f} → {p['reward_end']:.3f}; "
+                  f"mean KL to the reference {p['mean_kl']:.4f} ({p.get('kl_estimator', '?')} estimator, "
+                  f"β = {p.get('beta', '?')}); oracle helpfulness {p.get('oracle_helpfulness_start', nan):.3f} "
+                  f"→ {p.get('oracle_helpfulness_end', nan):.3f}."]
+    if "safety_distillation" in report:
+        d = report["safety_distillation"]
+        medians = ", ".join(f"{k} {v['median']:.3f}" for k, v in d.get("scores", {}).items())
+        lines += ["", "## Safety context distillation", "",
+                  f"Kept {d['kept']} of {d['prompts']} distilled answers ({d['share_kept']:.0%}), scored by "
+                  f"{d['scorer']}; median safety score by preprompt: {medians} (Fig. 16a analogue)."]
     if "gatt" in report:
         seen = report["gatt"]["adherence_by_turn"]
         lines += ["", "## Ghost Attention: adherence by turn (seen constraints)", "",

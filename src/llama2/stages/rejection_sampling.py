@@ -240,6 +240,14 @@ def sample_and_select(cfg: Config, out: Path) -> dict:
     helpful_rm = load_reward_model(cfg.helpfulness_rm, device)
     safety_rm = load_reward_model(cfg.safety_rm, device) if cfg.safety_rm else None
     prompts = read_prompts(cfg.prompt_files, cfg.safety_kinds)
+    room = llm.args.max_seq_len - cfg.sampling.max_gen_len
+    fitting = [p for p in prompts if len(encode_dialog(llm.tokenizer, p.dialog)) <= room]
+    if len(fitting) < len(prompts):
+        print(f"rejection-sample: {len(prompts) - len(fitting)} prompt(s) longer than the context minus "
+              f"max_gen_len ({room} tokens) are left out", file=sys.stderr)
+    if not fitting:
+        raise ValueError(f"rejection-sample: no prompt fits in {room} tokens (context minus max_gen_len)")
+    prompts = fitting
     world = None
     if cfg.oracle == "toyworld":
         from llama2.data.toyworld import ToyWorld

@@ -215,6 +215,9 @@ def answer_and_score(cfg: Config, llm: Llama, prompts: list[DistillPrompt], worl
     if len(fitting) < len(prompts):
         print(f"distill: {len(prompts) - len(fitting)} prompt(s) left out: with a preprompt they do not fit the "
               f"model's {llm.args.max_seq_len}-token context", file=sys.stderr)
+    if not fitting:
+        raise ValueError(f"distill: no prompt fits the model's {llm.args.max_seq_len}-token context with a "
+                         "preprompt and a reply (use a longer context or a smaller data.max_gen_len)")
     answers = {c: generate_replies(llm, [with_preprompt(p.messages, preprompt_for(c, p.category)) for p in fitting],
                                    d.max_gen_len, d.temperature, d.top_p, d.batch_size, d.seed, f"distill: {c}")
                for c in CONDITIONS}

@@ -110,16 +110,14 @@ def run(cfg: Config) -> TrainResult:
         packed = pack_files(cfg.data.train_files, tokenizer, seq_len, cfg.data)
         if env.is_main:
             print(f"sft: {packed.report.summary()}", file=sys.stderr)
-        t = cfg.train
-        steps = max(1, math.ceil(cfg.epochs * len(packed) / t.global_batch_size))
-        global_batch = min(t.global_batch_size, _fit_batch(len(packed), t, env))
-        train_cfg = replace(t, steps=steps, global_batch_size=global_batch)
+        train_cfg = fit_batches(cfg.train, len(packed), env.world_size, cfg.epochs)
         batches = ShuffledBatches(packed, collate_chat, train_cfg.micro_batch_size, train_cfg.global_batch_size,
                                   env.rank, env.world_size, cfg.data.seed)
         val = None
         if cfg.data.val_files:
             val_set = pack_files(cfg.data.val_files, tokenizer, seq_len, cfg.data)
-            val = partial(sequential_batches, val_set, collate_chat, t.micro_batch_size, env.rank, env.world_size)
+            val = partial(sequential_batches, val_set, collate_chat, train_cfg.micro_batch_size, env.rank,
+                          env.world_size)
         # 3. the loop
         resolved = replace(cfg, max_seq_len=seq_len, train=train_cfg)
         trainer = Trainer(
@@ -138,9 +136,13 @@ def run(cfg: Config) -> TrainResult:
         close_distributed()
 
 
-def _fit_batch(n_windows: int, t: TrainConfig, env) -> int:
-    """The largest global batch the data can fill: a multiple of micro × processes, at most `n_windows`."""
-    round_size = t.micro_batch_size * env.world_size
-    if n_windows < round_size:
-        raise ValueError(f"sft: only {n_windows} packed windows, fewer than one micro-batch round ({round_size})")
-    return n_windows // round_size * round_size
+def fit_batches(t: TrainConfig, n_windows: int, world_size: int, epochs: float) -> TrainConfig:
+    """`t` with batch sizes the data can fill (small sets shrink the micro- and global batch rather than
+    fail) and `steps` covering `epochs` passes over the windows."""
+    if n_windows < world_size:
+        raise ValueError(f"sft: only {n_windows} packed windows for {world_size} processes")
+    micro = min(t.micro_batch_size, n_windows // world_size)
+    round_size = micro * world_size
+    global_batch = max(round_size, min(t.global_batch_size, n_windows) // round_size * round_size)
+    steps = max(1, math.ceil(epochs * n_windows / global_batch))
+    return replace(t, steps=steps, micro_batch_size=micro, global_batch_size=global_batch)
