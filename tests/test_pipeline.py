@@ -24,24 +24,34 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
                                              for s in stages])
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg)
+    names = [s.name for s in stages]
+    before = names[: names.index("gatt")]
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")}
-    assert set(finished) == {"data", "pretrain", "sft"}
+    assert set(finished) == set(before)
 
     ran = []
     monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage(s.name, _recording(s, ran)) for s in stages])
     report = pipeline.run_pipeline(cfg)
-    assert ran == ["gatt", "evaluation"]  # finished stages were skipped
+    assert ran == names[len(before) :]  # finished stages were skipped
     assert {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")
             if p.parent.name in finished} == finished
 
+    # Every report.json key of DESIGN §4, with numbers.
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert saved["models"].keys() == {"base", "sft", "gatt"}
+    for kind in ("helpfulness", "safety"):
+        rm = saved["reward_models"][kind]
+        for rating in ("significantly_better", "better", "slightly_better", "negligibly_better", "overall"):
+            assert rating in rm["accuracy_by_rating"]
+        assert 0.0 <= rm["accuracy_by_rating"]["overall"] <= 1.0 and 0.0 <= rm["label_ceiling"] <= 1.0
+    assert all(isinstance(v, float) for v in saved["rejection_sampling"]["reward_by_n"].values())
+    assert {"base", "sft", "rlhf", "safety"} <= saved["models"].keys()
     for model in saved["models"].values():
         for key in ("helpfulness", "violation_rate", "false_refusal_rate"):
             assert 0.0 <= model[key] <= 1.0
+    assert all(isinstance(saved["ppo"][k], float) for k in ("mean_kl", "reward_start", "reward_end"))
     curves = saved["gatt"]["adherence_by_turn"]
     assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
-    assert set(saved["timings"]) == {"data", "pretrain", "sft", "gatt", "evaluation"}
+    assert set(saved["timings"]) == set(names)
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()
     assert "What each stage did" in text and "gatt_adherence.png" in text
