@@ -12,6 +12,8 @@ Sections
             against a bf16 matmul measured in the same run.
   decode    batch-1 and batch-64 greedy decoding of 128 new tokens: our generator (CUDA-graph steps and
             plain eager) and `transformers`' `generate`, same bf16 weights; tokens of all three compared.
+  ppo       PPO iterations of the real stage (`llama2.stages.ppo`) on a ~1B policy (the 1B shape with a
+            4,096-piece toy tokenizer), split into generation, the rest of the rollout, and the update.
 """
 
 from __future__ import annotations
@@ -262,6 +264,65 @@ def bench_decode(shape: SuiteShape, device: torch.device) -> list[dict]:
     return rows
 
 
+# --- PPO ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOShape:
+    args: ModelArgs
+    vocab: int
+    prompts: int
+    max_gen_len: int
+    iterations: int
+
+
+PPO_FULL = PPOShape(ModelArgs.from_preset("1B", max_seq_len=1024), vocab=4096, prompts=64, max_gen_len=128,
+                    iterations=3)
+PPO_TINY = PPOShape(TINY.args, vocab=512, prompts=8, max_gen_len=8, iterations=2)
+
+
+def bench_ppo(shape: PPOShape, device: torch.device, work: Path) -> dict:
+    """Time PPO iterations of the real stage; the reward is the share of even token ids (a known optimum),
+    so no reward model is needed and the timing is the policy's own."""
+    from dataclasses import replace
+
+    from llama2.data.formats import dumps
+    from llama2.data.toyworld import ToyWorld
+    from llama2.stages import ppo
+    from llama2.tokenizer.tokenizer import Tokenizer
+    from llama2.tokenizer.train import train_tokenizer
+
+    world = ToyWorld(0)
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join(world.pretraining_corpus(2_000_000 if shape is PPO_FULL else 100_000)))
+    tokenizer = Tokenizer(train_tokenizer([corpus], work / "tok", shape.vocab))
+    model = Transformer(replace(shape.args, vocab_size=tokenizer.n_words))
+    model.init_weights(seed=0)
+    policy = save_hf(model, work / "policy", tokenizer_model=tokenizer.model_path)
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(dumps({"messages": p.messages}) + "\n"
+                               for p in world.eval_prompts("helpful", shape.prompts)))
+
+    def even_share(prompts, texts, ids):
+        return ppo.Scores(torch.tensor([sum(t % 2 == 0 for t in r) / max(len(r), 1) for r in ids]), None)
+
+    micro = min(16, shape.prompts)
+    cfg = ppo.Config(out_dir=str(work / "run"), device=device.type, checkpoint_every=0,
+                     models=ppo.Models(policy=str(policy)), prompts=ppo.Prompts(files=[str(prompts)]),
+                     ppo=ppo.PPOHyper(iterations=shape.iterations, batch_size=shape.prompts, mini_batch_size=micro,
+                                      micro_batch_size=micro, generation_batch_size=shape.prompts,
+                                      max_gen_len=shape.max_gen_len))
+    ppo.run(cfg, scorer=even_share)
+    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    return {"params": model.args.num_params(), "prompts_per_iteration": shape.prompts,
+            "max_gen_len": shape.max_gen_len, "mean_response_length": last["response_length"],
+            "iteration_seconds": last["seconds"], "generation_seconds": last["seconds_generation"],
+            "rollout_seconds": last["seconds_rollout"], "update_seconds": last["seconds_update"],
+            "generation_share": last["seconds_generation"] / last["seconds"],
+            "iterations": [{k: r[k] for k in ("seconds", "seconds_generation", "seconds_update")} for r in rows]}
+
+
 # --- the suite ------------------------------------------------------------------------------------------------
 
 
@@ -284,6 +345,7 @@ def run_suite(tiny: bool, out_dir: Path, sections: list[str]) -> dict:
         "bf16": lambda: check_bf16(shape, device),
         "pretrain": lambda: pretrain_rows(shape, device, peak, matmul_peak),
         "decode": lambda: bench_decode(shape, device),
+        "ppo": lambda: bench_ppo(PPO_TINY if tiny else PPO_FULL, device, Path(tempfile.mkdtemp())),
     }
     if device.type == "cuda":
         jobs["graph_check"] = lambda: check_cuda_graph_decoding(device)
@@ -329,6 +391,12 @@ def render_markdown(report: dict) -> str:
                       "per sequence, bf16 autocast, fused AdamW:", "", markdown_table(rows)]
     if "decode" in report and "decode" not in errors:
         lines += ["", "Greedy decoding, same bf16 weights:", "", markdown_table(report["decode"])]
+    if "ppo" in report and "ppo" not in errors:
+        p = report["ppo"]
+        lines += ["", f"PPO ({p['params']:,}-parameter policy, {p['prompts_per_iteration']} prompts, up to "
+                      f"{p['max_gen_len']} new tokens, fp32): one iteration {p['iteration_seconds']:.2f}s = generation "
+                      f"{p['generation_seconds']:.2f}s ({p['generation_share']:.0%}) + rest of the rollout "
+                      f"{p['rollout_seconds'] - p['generation_seconds']:.2f}s + update {p['update_seconds']:.2f}s"]
     if "graph_check" in report and "graph_check" not in errors:
         lines += ["", f"CUDA-graph decoding exactness (fp32, ragged batch): {report['graph_check']}"]
     return "\n".join(lines) + "\n"
@@ -338,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy shapes on CPU (what the tests run)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where the JSON and table go")
-    parser.add_argument("--sections", default="bf16,pretrain,decode", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="bf16,pretrain,decode,ppo", help="comma-separated subset to run")
     args = parser.parse_args(argv)
     report = run_suite(args.tiny, args.out, args.sections.split(","))
     print(render_markdown(report))

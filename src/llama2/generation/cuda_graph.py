@@ -52,11 +52,13 @@ def graphed_step(model: Transformer, batch_size: int, cache_len: int) -> Graphed
     """The model's captured step for this batch size and cache length, captured once and reused.
 
     The cache length is rounded up to a multiple of 256 so that prompts of similar length share a graph, and
-    only the 4 most recently used graphs (each holding a KV cache) are kept.
+    only the 4 most recently used graphs (each holding a KV cache) are kept. In-place weight updates (an
+    optimizer step) are seen by the graph; weights moved to new storage get a new graph.
     """
     cache_len = min(model.args.max_seq_len, -(-cache_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
-    steps: dict[tuple[int, int], GraphedDecodeStep] = model.__dict__.setdefault("_graphed_steps", {})
-    key = (batch_size, cache_len)
+    steps: dict[tuple, GraphedDecodeStep] = model.__dict__.setdefault("_graphed_steps", {})
+    # The graph holds raw pointers to the weights: a cast, a move or a reload (new storage) needs a new graph.
+    key = (batch_size, cache_len, tuple(p.data_ptr() for p in model.parameters()))
     step = steps.pop(key, None) or GraphedDecodeStep(model, batch_size, cache_len)
     steps[key] = step  # most recently used last
     while len(steps) > MAX_GRAPHS:

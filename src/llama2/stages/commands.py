@@ -17,7 +17,8 @@ STAGES = {
     "gatt": ("llama2.stages.gatt", "Ghost Attention: keep a system instruction over many turns"),
     "ppo": ("llama2.stages.ppo", "PPO against the safety-gated reward R_c with a KL penalty to the start policy"),
     "distill": ("llama2.stages.safety", "safety context distillation: preprompted answers, RM-targeted, fine-tuned"),
-    "safety-scaling": ("llama2.stages.safety_scaling", "safety SFT at 0 to 100 percent of the safety data, evaluated each"),
+    "safety-scaling": ("llama2.stages.safety_scaling",
+                       "safety SFT at 0 to 100 percent of the safety data, each evaluated"),
 }
 """Subcommand → (module, one-line help)."""
 

@@ -281,6 +281,8 @@ class Rollout(NamedTuple):
     """(B, T−1) fp32 value targets, advantages + values before whitening."""
     generation_parity: float
     """max |generator log-prob − recomputed log-prob| over the sampled (non-EOS) tokens."""
+    seconds_generation: float
+    """Wall time of step 1 (sampling the responses), to split an iteration into generation and training."""
 
 
 class ActorCritic(nn.Module):
@@ -454,7 +456,9 @@ def make_rollout(model: ActorCritic, reference: Transformer, prompts: Sequence[P
                  scorer: Scorer, h: PPOHyper, generator: torch.Generator) -> tuple[Rollout, list[str]]:
     """Steps 1-5 for one batch of prompts → (the rollout, the response texts)."""
     # 1. generate
+    started = time.perf_counter()
     responses, gen_logprobs, truncated = generate_responses(model.policy, prompts, tokenizer.eos_id, h, generator)
+    seconds_generation = time.perf_counter() - started  # the ids are Python lists: the device has synced
     texts = [tokenizer.decode(r).strip() for r in responses]
     tokens, mask, lengths = pack_rollouts(prompts, responses, truncated, tokenizer.eos_id)
     # 2. score
@@ -479,7 +483,7 @@ def make_rollout(model: ActorCritic, reference: Transformer, prompts: Sequence[P
         scores.helpfulness.float() if scores.helpfulness is not None else nan,
         scores.safety.float() if scores.safety is not None else nan,
         combined, score, logprobs, ref_logprobs, values, ent * maskf, kl, rewards, advantages, returns,
-        generation_parity(gen_logprobs, prompts, logprobs),
+        generation_parity(gen_logprobs, prompts, logprobs), seconds_generation,
     )
     return rollout, texts
 
@@ -716,6 +720,8 @@ def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
     if env.world_size > 1:
         close_distributed()
         raise ValueError("ppo: runs in one process for now (docs/ppo.md gives the multi-GPU plan)")
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls (3x on Hopper)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -766,8 +772,10 @@ def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
         def on_micro(it: int = iteration) -> None:  # fault point for the resume tests: killed mid-update
             maybe_kill("mid_iteration", it + 1)
 
+        t1 = time.perf_counter()
         stats = ppo_update(model, optimizer, rollout, h, cfg.optim.grad_clip,  # step 6
                            _generator(cfg.prompts.seed, iteration, "shuffle", torch.device("cpu")), on_micro)
+        t_update = time.perf_counter() - t1
         iteration += 1
         record: dict = {"iteration": iteration, **rollout_metrics(rollout, h), **stats}
         if oracle is not None:
@@ -776,7 +784,9 @@ def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
             record["oracle_safety"] = float(o.safety.mean())
             record["oracle_combined"] = float(combined_score(o.helpfulness, o.safety, rollout.is_safety).mean())
         record["warnings"] = warnings_for(record, history, h, cfg.hacking_window)
+        record["seconds_generation"] = rollout.seconds_generation
         record["seconds_rollout"] = t_rollout
+        record["seconds_update"] = t_update
         record["seconds"] = time.perf_counter() - t0
         for w in record["warnings"]:
             print(f"ppo: warning (iteration {iteration}): {w}", file=sys.stderr)
