@@ -134,15 +134,20 @@ class Llama:
     ) -> list[CompletionPrediction]:
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
+        return [self._with_logprobs({"generation": self.tokenizer.decode(t)}, t, lp)
+                for t, lp in self._tokens_and_logprobs(out, logprobs)]
+
+    @staticmethod
+    def _tokens_and_logprobs(out, logprobs: bool) -> list[tuple[list[int], list[float] | None]]:
         tokens, lps = out if logprobs else (out, None)
-        results: list[CompletionPrediction] = []
-        for i, t in enumerate(tokens):
-            result: CompletionPrediction = {"generation": self.tokenizer.decode(t)}
-            if lps is not None:
-                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                result["logprobs"] = lps[i]
-            results.append(result)
-        return results
+        return [(t, lps[i] if lps is not None else None) for i, t in enumerate(tokens)]
+
+    def _with_logprobs(self, result: dict, ids: list[int], logprobs: list[float] | None) -> dict:
+        """Meta's result layout: per-token pieces and log-probs beside the generation, when asked."""
+        if logprobs is not None:
+            result["tokens"] = [self.tokenizer.decode([x]) for x in ids]
+            result["logprobs"] = logprobs
+        return result
 
     def chat_completion(
         self,
@@ -160,16 +165,10 @@ class Llama:
             for d, bad in zip(dialogs, unsafe, strict=True)
         ]
         out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed)
-        tokens, lps = out if logprobs else (out, None)
-        results: list[ChatPrediction] = []
-        for i, t in enumerate(tokens):
-            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
-            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
-            if lps is not None:
-                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                result["logprobs"] = lps[i]
-            results.append(result)
-        return results
+        return [self._with_logprobs({"generation": {"role": "assistant",
+                                                    "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}},
+                                    t, lp)
+                for (t, lp), bad in zip(self._tokens_and_logprobs(out, logprobs), unsafe, strict=True)]
 
     def stream_tokens(
         self,
