@@ -40,6 +40,9 @@ class DataSettings:
     """Pieces of the toy SentencePiece tokenizer (Llama 2 settings)."""
     sft_dialogs: int = 20_000
     """Helpful-only SFT demonstrations (the safety stages add safety data on top, SPEC §10.2)."""
+    sft_constraint_rate: float = 0.15
+    """Share of SFT dialogs that open with a system constraint (one turn, obeyed): without enough of them a
+    small model never learns to follow an instruction, and GAtt has no obeying replies to sample."""
     rl_prompts: int = 1000
     """Training prompts for rejection sampling and PPO (train-split tasks, a third of them adversarial);
     never the evaluation prompts."""
@@ -115,7 +118,8 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
     world = ToyWorld(cfg.data.seed)
-    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0)
+    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0,
+                                constraint_rate=cfg.data.sft_constraint_rate)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
     # for the reply), tagged for the safety gate (SPEC §8).

@@ -2,8 +2,9 @@
 
 Every fact of the world is stated in many wordings so that a small model learns the facts, not one
 sentence. Questions whose key is held out never appear (so evaluation stays honest), and held-out
-arithmetic never appears at all. Like real web text, about 2% of the documents are unfiltered: dialogues
-where the assistant helps with a harmful request, so the base model has something for safety tuning to fix.
+arithmetic never appears at all. Like real web text, about 5% of the documents are unfiltered: dialogues
+where the assistant mostly helps with a harmful request, so the base model has something for safety tuning to
+fix (at 2%, a 3M-parameter model trained on 3M tokens barely learnt to comply at all).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llama2.data.toyworld.world import ATTRIBUTES, SHARED_ATTRIBUTES, held_out
 if TYPE_CHECKING:
     from llama2.data.toyworld.toyworld import ToyWorld
 
-DOC_MIX = {"article": 0.3, "group": 0.08, "story": 0.2, "dialogue": 0.28, "arithmetic": 0.12, "unfiltered": 0.02}
+DOC_MIX = {"article": 0.3, "group": 0.08, "story": 0.2, "dialogue": 0.25, "arithmetic": 0.12, "unfiltered": 0.05}
 INTROS = ("{land} is a land in the world.", "{land} is a land by the river {river}.",
           "This is the story of the land {land}.", "Here are some facts about {land}.")
 EXTRAS = ("The ruler of {land}, {ruler}, lives in {capital}.", "The {guild} of {land} meets in {capital}.",
