@@ -29,7 +29,7 @@ def test_generate_prints_the_prompt_and_a_completion(checkpoint, capsys):
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
-    assert "checkpoint directory not found" in err and "Traceback" not in err
+    assert "directory not found" in err and "Traceback" not in err
 
 
 def test_chat_session_over_stdin_exits_cleanly_on_eof(checkpoint):
@@ -40,3 +40,14 @@ def test_chat_session_over_stdin_exits_cleanly_on_eof(checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2 and "(conversation cleared)" in proc.stdout
+
+
+def test_a_run_folder_resolves_to_its_newest_checkpoint(checkpoint, tmp_path, capsys):
+    import shutil
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000003"
+    shutil.copytree(checkpoint, step / "model")
+    (step / "trainer.json").write_text("{}")
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "The river", "--temperature", "0",
+                 "--max-gen-len", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The river")

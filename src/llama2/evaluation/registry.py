@@ -50,9 +50,10 @@ class EvalContext:
         import torch
 
         from llama2.generation.llama import Llama
+        from llama2.stages.artifacts import model_dir
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return Llama.load(self.model_dir, device=device)
+        return Llama.load(model_dir(self.model_dir), device=device)
 
 
 def task(name: str) -> Callable[[TaskFn], TaskFn]:

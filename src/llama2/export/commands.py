@@ -29,12 +29,13 @@ def register(subparsers) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from llama2.generation.llama import Llama
+    from llama2.stages.artifacts import model_dir
 
     allowed = GGUF_TYPES if args.format == "gguf" else tuple(HF_TYPES)
     outtype = args.outtype or ("f16" if args.format == "gguf" else "f32")
     if outtype not in allowed:
         raise ValueError(f"--outtype {outtype} does not apply to --format {args.format}; choose {', '.join(allowed)}")
-    llm = Llama.load(args.model, device="cpu")
+    llm = Llama.load(model_dir(args.model), device="cpu")
     out = Path(args.out)
     if args.format == "gguf":
         from llama2.export.gguf import export_gguf

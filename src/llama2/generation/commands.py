@@ -7,7 +7,8 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or Meta format)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (Hugging Face or Meta format), or a run folder (its newest checkpoint)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
@@ -34,10 +35,11 @@ def _load(args: argparse.Namespace):
     import torch
 
     from llama2.generation.llama import Llama
+    from llama2.stages.artifacts import model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Llama.load(args.model, device=device, dtype=dtype)
+    return Llama.load(model_dir(args.model), device=device, dtype=dtype)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -36,11 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from llama2.generation.llama import Llama
     from llama2.serving.server import create_app
+    from llama2.stages.artifacts import model_dir
 
     if args.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    llm = Llama.load(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    llm = Llama.load(model_dir(args.model), device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(llm, name, api_key=args.api_key, max_batch_size=args.max_batch_size)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -10,6 +10,8 @@ from llama2.training.checkpointing import latest_checkpoint
 def model_dir(path: str | Path) -> Path:
     """`path` itself if it is a model directory (HF or Meta), else its newest checkpoint's `model/`."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model or run directory not found: {path}")
     if (path / "config.json").is_file() or (path / "params.json").is_file():
         return path
     latest = latest_checkpoint(path / "checkpoints")
