@@ -44,6 +44,8 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
             assert rating in rm["accuracy_by_rating"]
         assert 0.0 <= rm["accuracy_by_rating"]["overall"] <= 1.0 and 0.0 <= rm["label_ceiling"] <= 1.0
     assert all(isinstance(v, float) for v in saved["rejection_sampling"]["reward_by_n"].values())
+    assert set(saved["margin_ablation"]) == {"none", "small", "large"}
+    assert all(0.0 <= by["overall"] <= 1.0 for by in saved["margin_ablation"].values())
     assert {"base", "sft", "rlhf", "safety"} <= saved["models"].keys()
     for model in saved["models"].values():
         for key in ("helpfulness", "violation_rate", "false_refusal_rate"):
@@ -54,7 +56,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert set(saved["timings"]) == set(names)
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()
-    assert "What each stage did" in text and "gatt_adherence.png" in text
+    assert "What each stage did" in text and "gatt_adherence.png" in text and "Table 28 analogue" in text
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
     assert report["checks"]
 

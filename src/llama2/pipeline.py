@@ -90,6 +90,9 @@ class PipelineConfig:
     """The helpfulness RM (`out_dir`, `init_from` and the pair files are set by the pipeline)."""
     reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety"))
     """The safety RM (likewise)."""
+    margin_ablation: bool = False
+    """Also train the helpfulness RM with the `none` and `large` margins (SPEC Table 28 analogue in the
+    report); two more RM trainings, so off in the 30-minute demo."""
     rejection_sampling: rejection_sampling.Config = field(default_factory=rejection_sampling.Config)
     """Rejection sampling (policy, RMs and prompts are set by the pipeline)."""
     ppo: ppo.Config = field(default_factory=ppo.Config)
@@ -168,9 +171,10 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     return _train_summary(sft.run(stage), out)
 
 
-def _run_reward(base: reward.Config, out: Path, train: str, mix: str) -> dict[str, Any]:
-    data = out.parent / "data"
-    stage = replace(base, out_dir=str(out), init_from=str(out.parent / "sft"),
+def _run_reward(base: reward.Config, out: Path, root: Path, train: str, mix: str) -> dict[str, Any]:
+    """An RM in `out`, initialised from `root/sft`, trained on `root/data`'s `train` pairs with `mix` mixed in."""
+    data = root / "data"
+    stage = replace(base, out_dir=str(out), init_from=str(root / "sft"),
                     data=replace(base.data, train_files=[str(data / f"pref_{train}_train.jsonl")],
                                  mix_files=[str(data / f"pref_{mix}_train.jsonl")],
                                  test_files=[str(data / f"pref_{train}_test.jsonl")]),
@@ -180,11 +184,24 @@ def _run_reward(base: reward.Config, out: Path, train: str, mix: str) -> dict[st
 
 
 def run_reward_helpfulness(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    return _run_reward(replace(cfg.reward_helpfulness, kind="helpfulness"), out, "helpfulness", "safety")
+    return _run_reward(replace(cfg.reward_helpfulness, kind="helpfulness"), out, out.parent, "helpfulness", "safety")
 
 
 def run_reward_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    return _run_reward(replace(cfg.reward_safety, kind="safety"), out, "safety", "helpfulness")
+    return _run_reward(replace(cfg.reward_safety, kind="safety"), out, out.parent, "safety", "helpfulness")
+
+
+def run_margin_ablation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    """The helpfulness RM with each other margin mode, beside the pipeline's own (`reward_helpfulness`)."""
+    if not cfg.margin_ablation:
+        return {"enabled": False}
+    own = cfg.reward_helpfulness.margin
+    runs = {own: json.loads((out.parent / "reward_helpfulness" / "rm_eval.json").read_text())}
+    for mode in ("none", "small", "large"):
+        if mode != own:
+            base = replace(cfg.reward_helpfulness, kind="helpfulness", margin=mode)
+            runs[mode] = _run_reward(base, out / mode, out.parent, "helpfulness", "safety")["rm_eval"]
+    return {"enabled": True, "rm_eval_by_margin": runs}
 
 
 def run_rejection_sampling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
@@ -258,6 +275,7 @@ STAGES = [
     Stage("sft", run_sft),
     Stage("reward_helpfulness", run_reward_helpfulness),
     Stage("reward_safety", run_reward_safety),
+    Stage("reward_margins", run_margin_ablation),
     Stage("rejection_sampling", run_rejection_sampling),
     Stage("ppo", run_ppo),
     Stage("gatt", run_gatt),

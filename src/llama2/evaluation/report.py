@@ -103,6 +103,13 @@ def reward_model_section(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def margin_ablation_section(results: dict[str, Any]) -> dict[str, Any]:
+    """`margin_ablation.<mode>`: the helpfulness RM's accuracy by rating on its own test set, per margin mode."""
+    runs = results.get("reward_margins", {}).get("rm_eval_by_margin", {})
+    return {mode: next(v["accuracy_by_rating"] for k, v in rm_eval["test_sets"].items() if "helpfulness" in k)
+            for mode, rm_eval in sorted(runs.items())}
+
+
 def _rm_checks(rms: dict[str, Any]) -> list[tuple[str, bool, str]]:
     checks = []
     for kind, rm in rms.items():
@@ -184,6 +191,9 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     }
     if rms:
         report["reward_models"] = rms
+    margins = margin_ablation_section(results)
+    if margins:
+        report["margin_ablation"] = margins
     ppo_summary = results.get("ppo", {}).get("summary")
     if ppo_summary:
         report["ppo"] = ppo_summary
@@ -230,6 +240,13 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
             cells = ["–" if by.get(r) is None else f"{by[r]:.3f}" for r in (*RATINGS, "overall")]
             ceiling = "–" if rm["label_ceiling"] is None else f"{rm['label_ceiling']:.3f}"
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ceiling} |")
+    if "margin_ablation" in report:
+        lines += ["", "## Helpfulness RM by margin (Table 28 analogue)", "",
+                  "| margin | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | overall |",
+                  "|---|" + "---|" * (len(RATINGS) + 1)]
+        for mode, by in report["margin_ablation"].items():
+            cells = ["–" if by.get(r) is None else f"{by[r]:.3f}" for r in (*RATINGS, "overall")]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if "rejection_sampling" in report:
         rs = report["rejection_sampling"]
         ns = list(rs.get("reward_by_n", {}))
