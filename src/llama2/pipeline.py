@@ -70,8 +70,7 @@ class DistillSettings:
     """Keep a distilled answer where the pipeline's safety RM (SPEC §10.2) or the toy oracle scores it safer."""
     data: safety.DistillData = field(default_factory=safety.DistillData)
     epochs: float = 2.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4,
-                                                                   lr=2e-5, warmup_steps=0))
+    train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
 
@@ -141,13 +140,10 @@ def _last_turns(dialog: list, turns: int) -> list:
     return dialog[starts[-turns] if len(starts) > turns else 0 :]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
 def _train_summary(result, run_dir: Path) -> dict[str, Any]:
-    rows = _metrics(run_dir)
+    from llama2.evaluation.report import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     return {"model": str(model_dir(run_dir)), "steps": result.step, "final_loss": result.final_loss,
             "val_loss": result.val_loss, "first_loss": losses[0] if losses else None,

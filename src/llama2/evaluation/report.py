@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 LOSS_STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "gatt")
 
 
-def _metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none if the stage wrote no file)."""
     return [json.loads(x) for x in path.read_text().splitlines() if x] if path.is_file() else []
 
 
@@ -26,7 +27,7 @@ def plot_losses(out: Path) -> str | None:
     fig, axes = plt.subplots(1, len(LOSS_STAGES), figsize=(3.2 * len(LOSS_STAGES), 3.2))
     drawn = False
     for ax, stage in zip(axes, LOSS_STAGES, strict=True):
-        rows = _metrics(out / stage / "metrics.jsonl")
+        rows = read_metrics(out / stage / "metrics.jsonl")
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         if stage == "gatt" and not rows:
             continue

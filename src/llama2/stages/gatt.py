@@ -66,10 +66,6 @@ class GAttData:
     seed: int = 0
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4, lr=2e-5, warmup_steps=0)
-
-
 @dataclass
 class Config:
     """`llama2 gatt`: a chat model, how to synthesise GAtt data, and the fine-tuning settings."""
@@ -84,7 +80,7 @@ class Config:
     """Passes over the GAtt examples."""
     block_diagonal: bool = True
     """Attention only within each packed dialog during fine-tuning."""
-    train: TrainConfig = field(default_factory=_default_train)
+    train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
 

@@ -35,7 +35,7 @@ from llama2.stages.artifacts import model_dir
 from llama2.stages.reward_models import RM_EVAL_FILE, encode_scored, pad_id_for, right_pad
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.checkpointing import ModelExport
-from llama2.training.loop import TrainConfig, Trainer, TrainResult
+from llama2.training.loop import TrainConfig, Trainer, TrainResult, fit_batches
 from llama2.training.losses import rating_margin, reward_model_loss
 from llama2.training.parallel import close_distributed, init_distributed
 
@@ -195,18 +195,17 @@ def run(cfg: Config) -> TrainResult:
         if env.is_main:
             print(f"reward: {len(pairs)} training pairs ({len(records) - len(own)} mixed in), margin {cfg.margin}",
                   file=sys.stderr)
-        t = cfg.train
-        global_batch = min(t.global_batch_size, _fit_batch(len(pairs), t, env.world_size))
-        steps = max(1, math.ceil(cfg.epochs * len(pairs) / global_batch))
-        train_cfg = replace(t, steps=steps, global_batch_size=global_batch,
-                            warmup_steps=warmup_steps(steps, cfg.warmup_fraction, cfg.min_warmup_steps))
+        train_cfg = fit_batches(cfg.train, len(pairs), env.world_size, cfg.epochs)
+        train_cfg = replace(train_cfg, warmup_steps=warmup_steps(train_cfg.steps, cfg.warmup_fraction,
+                                                                 cfg.min_warmup_steps))
         collate = partial(collate_pairs, pad_id=pad_id)
-        batches = ShuffledBatches(pairs, collate, train_cfg.micro_batch_size, global_batch, env.rank,
+        batches = ShuffledBatches(pairs, collate, train_cfg.micro_batch_size, train_cfg.global_batch_size, env.rank,
                                   env.world_size, cfg.data.seed)
         val = None
         if cfg.data.val_files:
             val_pairs = [encode_pair(tokenizer, r, cfg.margin, max_len) for r in read_pairs(cfg.data.val_files)]
-            val = partial(sequential_batches, val_pairs, collate, t.micro_batch_size, env.rank, env.world_size)
+            val = partial(sequential_batches, val_pairs, collate, train_cfg.micro_batch_size, env.rank,
+                          env.world_size)
         # 3. the loop
         resolved = replace(cfg, max_seq_len=max_len, train=train_cfg)
         trainer = Trainer(
@@ -248,11 +247,4 @@ def evaluate_run(cfg: Config, rm_dir: Path) -> dict:
     (rm_dir / RM_EVAL_FILE).write_text(text)
     return report
 
-
-def _fit_batch(n_pairs: int, t: TrainConfig, world_size: int) -> int:
-    """The largest global batch the data can fill: a multiple of micro × processes, at most `n_pairs`."""
-    round_size = t.micro_batch_size * world_size
-    if n_pairs < round_size:
-        raise ValueError(f"reward: only {n_pairs} pairs, fewer than one micro-batch round ({round_size})")
-    return n_pairs // round_size * round_size
 

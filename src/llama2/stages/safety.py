@@ -144,10 +144,6 @@ class DistillData:
     """Seed of the toy-world prompts, the sampling and the SFT data order."""
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4, lr=2e-5, warmup_steps=0)
-
-
 @dataclass
 class Config:
     """`llama2 distill`: a chat model, adversarial prompts, a safety scorer and the fine-tuning settings."""
@@ -165,7 +161,7 @@ class Config:
     """The prompts and the answering settings."""
     epochs: float = 2.0
     """Passes over the distilled examples."""
-    train: TrainConfig = field(default_factory=_default_train)
+    train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
     def __post_init__(self) -> None:

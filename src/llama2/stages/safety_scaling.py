@@ -73,10 +73,6 @@ class ScalingEval:
     """Safety reward model (model or run directory); None: no safety-RM column."""
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4, lr=2e-5, warmup_steps=0)
-
-
 @dataclass
 class Config:
     """`llama2 safety-scaling`: a starting model, the data, one SFT setting shared by all fractions."""
@@ -91,7 +87,7 @@ class Config:
     """The measurements."""
     epochs: float = 2.0
     """Passes over each mixed set (SPEC §10.3: 2)."""
-    train: TrainConfig = field(default_factory=_default_train)
+    train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings, the same for every fraction (`steps` is set from `epochs`)."""
 
     def __post_init__(self) -> None:

@@ -9,7 +9,6 @@ everything to the shared engine. Ghost Attention (`gatt.py`) trains through the 
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -26,7 +25,7 @@ from llama2.model.checkpoint import load_checkpoint
 from llama2.stages.artifacts import model_dir
 from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
-from llama2.training.loop import TrainConfig, Trainer, TrainResult
+from llama2.training.loop import TrainConfig, Trainer, TrainResult, fit_batches
 from llama2.training.losses import packed_chat_loss
 from llama2.training.parallel import close_distributed, init_distributed
 
@@ -51,6 +50,12 @@ class SFTData:
 def _default_train() -> TrainConfig:
     # SPEC §5: cosine from 2e-5, weight decay 0.1, 64 sequences of 4096 tokens, 2 epochs.
     return TrainConfig(steps=1, global_batch_size=64, micro_batch_size=8, lr=2e-5, warmup_steps=0)
+
+
+def finetune_train() -> TrainConfig:
+    """Defaults for the small fine-tunes that go through this stage on generated data (GAtt, context
+    distillation, the safety-scaling runs): SFT's rate on a smaller batch; `steps` is set from the epochs."""
+    return TrainConfig(steps=1, global_batch_size=16, micro_batch_size=4, lr=2e-5, warmup_steps=0)
 
 
 @dataclass
@@ -134,15 +139,3 @@ def run(cfg: Config) -> TrainResult:
         return result
     finally:
         close_distributed()
-
-
-def fit_batches(t: TrainConfig, n_windows: int, world_size: int, epochs: float) -> TrainConfig:
-    """`t` with batch sizes the data can fill (small sets shrink the micro- and global batch rather than
-    fail) and `steps` covering `epochs` passes over the windows."""
-    if n_windows < world_size:
-        raise ValueError(f"sft: only {n_windows} packed windows for {world_size} processes")
-    micro = min(t.micro_batch_size, n_windows // world_size)
-    round_size = micro * world_size
-    global_batch = max(round_size, min(t.global_batch_size, n_windows) // round_size * round_size)
-    steps = max(1, math.ceil(epochs * n_windows / global_batch))
-    return replace(t, steps=steps, micro_batch_size=micro, global_batch_size=global_batch)

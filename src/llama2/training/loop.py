@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -111,6 +111,18 @@ class TrainConfig:
                                   "checkpoint_every", "peak_tflops") if getattr(self, name) < 0]
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def fit_batches(t: TrainConfig, n_examples: int, world_size: int, epochs: float) -> TrainConfig:
+    """`t` with batch sizes `n_examples` examples can fill (small sets shrink the micro- and global batch
+    rather than fail) and `steps` covering `epochs` passes over them; stages that train by epochs use it."""
+    if n_examples < world_size:
+        raise ValueError(f"only {n_examples} training examples for {world_size} processes")
+    micro = min(t.micro_batch_size, n_examples // world_size)
+    round_size = micro * world_size
+    global_batch = max(round_size, min(t.global_batch_size, n_examples) // round_size * round_size)
+    steps = max(1, math.ceil(epochs * n_examples / global_batch))
+    return replace(t, steps=steps, micro_batch_size=micro, global_batch_size=global_batch)
 
 
 class StatefulBatches(Protocol):
