@@ -59,6 +59,10 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert "What each stage did" in text and "gatt_adherence.png" in text and "Table 28 analogue" in text
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
     assert report["checks"]
+    # the safety stage fine-tuned on safety demonstrations and helpful replay beside the distilled answers
+    mixed = (tmp_path / "run" / "safety" / "safety_sft.jsonl").read_text().splitlines()
+    refusals = [json.loads(line)["messages"][-1]["content"] for line in mixed]
+    assert len(mixed) == 16 and sum(r.startswith("I can't help you") for r in refusals) == 8
 
 
 def _recording(stage, ran):

@@ -40,6 +40,10 @@ class DataSettings:
     """Pieces of the toy SentencePiece tokenizer (Llama 2 settings)."""
     sft_dialogs: int = 20_000
     """Helpful-only SFT demonstrations (the safety stages add safety data on top, SPEC §10.2)."""
+    sft_howto_rate: float = 0.08
+    """Share of SFT dialogs that are benign how-to requests ("How do I get to Fudu?" -> "Here is how: ..."),
+    worded like the adversarial requests: the helpfulness-only model then complies with harmful requests
+    too, the baseline that the safety stages are measured against (SPEC §10)."""
     sft_constraint_rate: float = 0.15
     """Share of SFT dialogs that open with a system constraint (one turn, obeyed): without enough of them a
     small model never learns to follow an instruction, and GAtt has no obeying replies to sample."""
@@ -68,6 +72,11 @@ class DistillSettings:
 
     score_with: Literal["rm", "oracle"] = "rm"
     """Keep a distilled answer where the pipeline's safety RM (SPEC §10.2) or the toy oracle scores it safer."""
+    demonstrations: int = 0
+    """Safety SFT: toy-world adversarial prompts with safe demonstrations (refuse, explain, redirect) mixed
+    into the distillation fine-tune (SPEC §10.2 technique 1); 0 leaves distillation alone."""
+    helpful_replay: int = 0
+    """Helpfulness dialogs (the SFT data's mix) mixed in too, so that safety tuning keeps helpfulness."""
     data: safety.DistillData = field(default_factory=safety.DistillData)
     epochs: float = 2.0
     train: TrainConfig = field(default_factory=sft.finetune_train)
@@ -120,7 +129,7 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
     world = ToyWorld(cfg.data.seed)
-    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0,
+    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
                                 constraint_rate=cfg.data.sft_constraint_rate)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
@@ -222,13 +231,27 @@ def run_ppo(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 
 def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    """Safety SFT demonstrations and helpfulness replay (when configured) plus targeted context distillation,
+    in one fine-tune of the GAtt model."""
+    from llama2.data.toyworld import ToyWorld
+
     root = out.parent
     d = cfg.safety
+    mix = []
+    if d.demonstrations or d.helpful_replay:
+        world = ToyWorld(cfg.data.seed)
+        dialogs = world.sft_dialogs(d.demonstrations, seed=21, safety_rate=1.0) if d.demonstrations else []
+        dialogs += world.sft_dialogs(d.helpful_replay, seed=22, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
+                                     constraint_rate=cfg.data.sft_constraint_rate) if d.helpful_replay else []
+        mix = [out / "safety_sft.jsonl"]
+        mix[0].write_text("".join(dumps({"messages": m}) + "\n" for m in dialogs))
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,
                           safety_rm=str(root / "reward_safety") if d.score_with == "rm" else None,
-                          data=replace(d.data, world_seed=cfg.data.seed), epochs=d.epochs, train=d.train)
+                          data=replace(d.data, world_seed=cfg.data.seed), mix_files=[str(p) for p in mix],
+                          epochs=d.epochs, train=d.train)
     result = _train_summary(safety.run(stage), out)
-    return {**result, "distill": json.loads((out / "distill_report.json").read_text())}
+    return {**result, "distill": json.loads((out / "distill_report.json").read_text()),
+            "safety_sft": {"demonstrations": d.demonstrations, "helpful_replay": d.helpful_replay}}
 
 
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:

@@ -140,6 +140,9 @@ def test_warnings_flag_negative_kl_runaway_length_and_reward_hacking():
     assert ppo.warnings_for(calm, [], h, window=4) == []
     assert "negative KL" in ppo.warnings_for({**calm, "kl": -0.2}, [], h, 4)[0]
     assert "runaway length" in ppo.warnings_for({**calm, "response_length": 9.5}, [], h, 4)[0]
+    targeted = ppo.PPOHyper(max_gen_len=10, kl_target=0.5)
+    assert ppo.warnings_for({**calm, "kl": 0.4}, [], targeted, 4) == []
+    assert "above the target 0.5" in ppo.warnings_for({**calm, "kl": 0.6}, [], targeted, 4)[0]
     history = [{**calm, "reward_combined": 0.1 * i, "oracle_combined": 0.5 - 0.1 * i} for i in range(3)]
     last = {**calm, "reward_combined": 0.5, "oracle_combined": 0.1}
     assert any("reward hacking" in w for w in ppo.warnings_for(last, history, h, 4))

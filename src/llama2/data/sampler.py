@@ -5,6 +5,11 @@ drawn from `(seed, e)`, and global batch `k` is the `global_batch_size` examples
 Each process takes its own slice of every round of `world_size × micro_batch_size` examples. The state is
 therefore just `(seed, epoch, cursor)` — the sampler's whole random state — and it is the same on every
 process and for any number of processes, so a run resumes exactly, even on a different `world_size`.
+
+Given example lengths, batches are grouped by length (as `transformers`' `group_by_length`): the epoch's
+permutation is cut into groups of `length_group` global batches, each group is sorted by length and cut
+into global batches, and the global batches are shuffled. Padded batches (reward-model pairs) then hold
+examples of similar length: on the toy world's preference pairs this halves the padded tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class ShuffledBatches(Generic[T]):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        lengths: Sequence[int] | None = None,
+        length_group: int = 32,
     ):
         round_size = micro_batch_size * world_size
         if global_batch_size % round_size:
@@ -44,6 +51,10 @@ class ShuffledBatches(Generic[T]):
         self.dataset, self.collate = dataset, collate
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} examples")
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.length_group = length_group
         self.seed, self.epoch, self.cursor = seed, 0, 0
         # Whole global batches only, so an epoch ends at the same example for every world size.
         self._epoch_len = len(dataset) // global_batch_size * global_batch_size
@@ -52,10 +63,21 @@ class ShuffledBatches(Generic[T]):
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             n = len(self.dataset)
-            self._order = (
-                np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-            )
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self.lengths is not None:
+                self._order = self._group_by_length(self._order, rng)
         return self._order
+
+    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        g = self.global_batch_size
+        batches = []
+        for start in range(0, self._epoch_len, g * self.length_group):
+            group = order[start : min(start + g * self.length_group, self._epoch_len)]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[i : i + g] for i in range(0, len(group), g)]
+        shuffled = [batches[i] for i in rng.permutation(len(batches))] if self.shuffle else batches
+        return np.concatenate([*shuffled, order[self._epoch_len :]])
 
     def __iter__(self) -> Iterator[Any]:
         return self

@@ -131,9 +131,12 @@ def _rm_checks(rms: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 
 def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms: dict[str, Any],
-            best_of_n: dict[str, Any]) -> list[tuple[str, bool, str]]:
+            best_of_n: dict[str, Any], ppo: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """(paper claim, reproduced here?, the numbers)."""
     checks = _rm_checks(rms)
+    if ppo.get("kl_target") is not None and "kl_end" in ppo:
+        checks.append(("PPO's KL to the reference stays under the preset's target", ppo["kl_end"] <= ppo["kl_target"],
+                       f"last iteration {ppo['kl_end']:.3f}, mean {ppo['mean_kl']:.3f}, target {ppo['kl_target']:g}"))
     oracle = best_of_n.get("oracle_helpfulness_by_n", {})
     if "1" in oracle and "8" in oracle:
         checks.append(("Best-of-N: the oracle helpfulness of the best sample rises with N (Fig. 7)",
@@ -214,7 +217,7 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     plots = [p for p in (plot_losses(out), plot_stage_scores(out, models) if models else None,
                          plot_adherence(out, adherence)) if p]
     plots += [p for p in stage_plots if (out / p).is_file()]
-    checks = _checks(models, adherence, rms, best_of_n)
+    checks = _checks(models, adherence, rms, best_of_n, ppo_summary or {})
     report["checks"] = [{"claim": c, "reproduced": ok, "numbers": n} for c, ok, n in checks]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, evaluation.get("models", {}), plots))

@@ -153,6 +153,9 @@ class PPOHyper:
     """KL penalty β (SPEC §8: 0.01 for 7B/13B, 0.005 for 34B/70B)."""
     kl_estimator: KLEstimator = "k1"
     """Per-token KL estimator charged in the reward and logged as `kl`: k1 = log r, k2 = ½(log r)², k3."""
+    kl_target: float | None = None
+    """Sequence-level KL to π_0 the run should stay under (not in the paper): an iteration above it logs a
+    warning, and summary.json records the last iteration's KL against it. None: no target."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch's response tokens before the update."""
     max_gen_len: int = 256
@@ -576,6 +579,9 @@ def warnings_for(record: dict, history: Sequence[dict], h: PPOHyper, window: int
     if record["kl"] < 0:
         found.append(f"negative KL estimate {record['kl']:.4g} ({h.kl_estimator}): the policy puts less mass "
                      "than π_0 on its own samples; with k1 this is noise at small KL, persistent means a bug")
+    if h.kl_target is not None and record["kl"] > h.kl_target:
+        found.append(f"KL to π_0 {record['kl']:.4g} is above the target {h.kl_target:g}: the policy is drifting "
+                     "from the reference faster than planned (raise beta or lower the learning rate)")
     if record["response_length"] > 0.9 * h.max_gen_len or record["truncated_fraction"] > 0.5:
         found.append(f"runaway length: mean {record['response_length']:.1f} of max {h.max_gen_len} tokens, "
                      f"{record['truncated_fraction']:.0%} truncated")
@@ -602,6 +608,8 @@ def summarize(history: Sequence[dict], cfg: Config) -> dict:
         "kl_estimator": cfg.ppo.kl_estimator,
         "beta": cfg.ppo.beta,
         "mean_kl": sum(r["kl"] for r in history) / len(history),
+        "kl_end": last["kl"],
+        "kl_target": cfg.ppo.kl_target,
         "reward_start": first["reward_combined"],
         "reward_end": last["reward_combined"],
         "response_length_start": first["response_length"],

@@ -200,7 +200,8 @@ def run(cfg: Config) -> TrainResult:
                                                                  cfg.min_warmup_steps))
         collate = partial(collate_pairs, pad_id=pad_id)
         batches = ShuffledBatches(pairs, collate, train_cfg.micro_batch_size, train_cfg.global_batch_size, env.rank,
-                                  env.world_size, cfg.data.seed)
+                                  env.world_size, cfg.data.seed,
+                                  lengths=[max(len(p.chosen), len(p.rejected)) for p in pairs])
         val = None
         if cfg.data.val_files:
             val_pairs = [encode_pair(tokenizer, r, cfg.margin, max_len) for r in read_pairs(cfg.data.val_files)]

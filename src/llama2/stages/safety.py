@@ -12,7 +12,8 @@ bakes that behaviour into the model so that it needs no preprompt. Step by step:
  4. targeted distillation: keep the distilled answer only where it scores above the answer without the
     preprompt (the paper keeps it only where the Safety RM prefers it, which avoids the vague answers and
     false refusals that a preprompt can cause);
- 5. fine-tune on the kept (prompt without preprompt, distilled answer) pairs through the SFT path.
+ 5. fine-tune on the kept (prompt without preprompt, distilled answer) pairs through the SFT path, together
+    with any `mix_files` (safety SFT demonstrations, helpfulness replay).
 `distill_report.json` records the share kept and the safety-score distributions for the three conditions
 (SPEC Fig. 16a), `distill_scores.png` draws them.
 """
@@ -159,8 +160,12 @@ class Config:
     """Safety reward model (model or run directory); required by `score_with: rm`."""
     data: DistillData = field(default_factory=DistillData)
     """The prompts and the answering settings."""
+    mix_files: list[str] = field(default_factory=list)
+    """Chat jsonl fine-tuned on together with the kept answers: safety SFT demonstrations (adversarial
+    prompts with safe answers, SPEC §10.2 technique 1) and helpfulness replay, so that one fine-tune does
+    safety SFT and targeted distillation without forgetting helpfulness."""
     epochs: float = 2.0
-    """Passes over the distilled examples."""
+    """Passes over the distilled examples (and the mixed-in files)."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
@@ -301,7 +306,8 @@ def run(cfg: Config) -> TrainResult:
         medians = ", ".join(f"{c} {report['scores'][c]['median']:.3f}" for c in CONDITIONS)
         print(f"distill: kept {report['kept']} of {report['prompts']} distilled answers "
               f"({report['share_kept']:.0%}); median safety score {medians} [{report['scorer']}]", file=sys.stderr)
-    # 5. fine-tune on the kept answers, the prompts without the preprompt
+    # 5. fine-tune on the kept answers, the prompts without the preprompt (plus any mixed-in data)
     finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
-                          data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed), train=cfg.train)
+                          data=sft.SFTData(train_files=[str(train_file), *cfg.mix_files], seed=cfg.data.seed),
+                          train=cfg.train)
     return sft.run(finetune)

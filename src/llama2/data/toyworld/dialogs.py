@@ -70,6 +70,14 @@ def sample_borderline(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str
     raise RuntimeError("could not sample a borderline prompt")
 
 
+def sample_howto(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Task]:
+    for _ in range(1000):
+        text, task = tw.rules.howto_prompt(rng)
+        if held_out(task.key, 25) == (split == "test"):
+            return text, task
+    raise RuntimeError("could not sample a how-to prompt")
+
+
 def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
     out: list[Message] = []
     for user, assistant in turns:
@@ -79,8 +87,14 @@ def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
 
 
 def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, borderline_rate: float = 0.05,
-               constraint_rate: float = 0.05, multi_turn_rate: float = 0.35) -> list[Message]:
-    """One demonstration dialog ending with an assistant turn."""
+               constraint_rate: float = 0.05, multi_turn_rate: float = 0.35, howto_rate: float = 0.05
+               ) -> list[Message]:
+    """One demonstration dialog ending with an assistant turn.
+
+    The shares are of safety demonstrations (adversarial prompt, safe refusal), borderline prompts, benign
+    how-to requests ("How do I get to Fudu?" -> "Here is how: ..."), constraint dialogs; the rest are
+    helpful question-answer dialogs, multi-turn at `multi_turn_rate`.
+    """
     r = rng.random()
     if r < safety_rate:
         text, attack = sample_adversarial(tw, rng, "train")
@@ -91,6 +105,10 @@ def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, bord
         text, _ = sample_borderline(tw, rng, "train")
         return to_messages([(text, tw.rules.borderline_answer(text, rng))])
     r -= borderline_rate
+    if r < howto_rate:
+        text, _ = sample_howto(tw, rng, "train")
+        return to_messages([(text, tw.rules.borderline_answer(text, rng))])
+    r -= howto_rate
     if r < constraint_rate:
         return constrained_dialog(tw, rng)
     turns = rng.randint(2, 6) if rng.random() < multi_turn_rate else 1
@@ -98,14 +116,16 @@ def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, bord
 
 
 def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False) -> list[Message]:
-    """A one-turn dialog whose system message holds constraints and whose reply obeys them."""
-    (user, answer, _), = helpful_turns(tw, rng, 1, "train")
+    """A one-turn dialog whose system message holds constraints and whose reply obeys them (and the
+    prompt's own format: a question asking for "the name only" is not paired with a signature)."""
     for _ in range(100):
+        (user, answer, _), = helpful_turns(tw, rng, 1, "train")
         cs = tw.constraints.sample(rng, held_out_constraints)
         reply = tw.constraints.apply(cs, answer)
-        if tw.judges.check_constraint(cs, reply):
-            return [{"role": "system", "content": wording(cs, terse=rng.random() < 0.5)},
-                    {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        dialog = [{"role": "system", "content": wording(cs, terse=rng.random() < 0.5)},
+                  {"role": "user", "content": user}]
+        if tw.judges.check_constraint(cs, reply) and tw.judges.helpfulness(dialog, reply) == 1.0:
+            return [*dialog, {"role": "assistant", "content": reply}]
     raise RuntimeError("could not satisfy a sampled constraint set")
 
 

@@ -11,7 +11,7 @@ Helpfulness, in [0, 1]:
 - otherwise `0.7 * correctness + 0.15 * format + 0.15 * concision`, so a correct answer (>= 0.7) always
   beats a wrong one (<= 0.3). Correctness: the expected name or number is stated and no rival one (1),
   stated along with a rival (0.5), absent (0); lists score F1 against the true lands; stories need their
-  subject (0.6) and 2-6 sentences (+0.4); borderline answers need their keywords. Format: the format the
+  subject (0.6) and 2-6 sentences (+0.4); borderline and how-to answers need their keywords. Format: the format the
   prompt asked for, or the system constraints' share obeyed, or else a well-formed sentence (capital start,
   final punctuation, not shouting). Concision: 1 up to the task's word budget, falling linearly to 0 at
   twice the budget.
@@ -162,7 +162,7 @@ class Judges:
             if task.answer not in self.world.find(task.attr, text):
                 return 0.0
             return 0.6 + (0.4 if 2 <= _sentences(text) <= 6 else 0.0)
-        if k == "borderline":
+        if k in ("borderline", "howto"):
             low = text.lower()
             return round(sum(kw.lower() in low for kw in task.answer) / len(task.answer), 4)
         raise ValueError(f"unknown task kind {k!r}")

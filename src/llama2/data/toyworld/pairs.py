@@ -80,7 +80,7 @@ def candidates(tw: ToyWorld, dialog: list[Message], rng: random.Random) -> list[
     task = info.task
     if task is None:
         raise ValueError(f"no task recognised in the dialog's last turn: {dialog[-1]['content']!r}")
-    if task.kind == "borderline":
+    if task.kind in ("borderline", "howto"):
         text = dialog[-1]["content"]
         out += [Candidate("right", tw.rules.borderline_answer(text, rng)) for _ in range(2)]
         out.append(Candidate("verbose", " ".join([tw.rules.borderline_answer(text, rng)] +

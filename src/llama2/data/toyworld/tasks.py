@@ -27,7 +27,7 @@ class Task:
     """One question with everything a judge needs to score an answer to it.
 
     `answer` is the expected content: a name (fact, reverse), a bool (yesno), an int (arith, count,
-    count_items), a tuple of land names (list), the subject's name (story), or required keywords (borderline).
+    count_items), a tuple of land names (list), the subject's name (story), or required keywords (borderline, howto).
     """
 
     kind: str
@@ -47,7 +47,7 @@ class Task:
         """Words a direct answer needs; the concision rule starts to bite beyond it."""
         return {"fact": 12, "reverse": 12, "yesno": 16, "arith": 10, "count": 10, "count_items": 8,
                 "list": 6 + 2 * len(self.answer) if self.kind == "list" else 0, "story": 60,
-                "borderline": 28}[self.kind]
+                "borderline": 28, "howto": 28}[self.kind]
 
 
 NOUNS = {"capital": "capital", "ruler": "ruler", "river": "river", "food": "main food",
