@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama2 import pipeline
+from llama2.training.loop import TrainResult
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.yaml"
 
@@ -63,6 +64,16 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     mixed = (tmp_path / "run" / "safety" / "safety_sft.jsonl").read_text().splitlines()
     refusals = [json.loads(line)["messages"][-1]["content"] for line in mixed]
     assert len(mixed) == 16 and sum(r.startswith("I can't help you") for r in refusals) == 8
+
+
+def test_a_stage_whose_training_was_interrupted_is_not_marked_done(tmp_path, monkeypatch):
+    cfg = pipeline.load_pipeline_config(str(SMOKE), str(tmp_path / "run"), [])
+    stopped = TrainResult(step=3, checkpoint=None, final_loss=1.0, val_loss=None, interrupted=True)
+    monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage("sft", lambda cfg, out: pipeline._train_summary(stopped,
+                                                                                                          out))])
+    with pytest.raises(KeyboardInterrupt, match="rerun the same pipeline command"):
+        pipeline.run_pipeline(cfg)
+    assert not (tmp_path / "run" / "sft" / "stage.json").exists()
 
 
 def _recording(stage, ran):

@@ -149,9 +149,17 @@ def _last_turns(dialog: list, turns: int) -> list:
     return dialog[starts[-turns] if len(starts) > turns else 0 :]
 
 
+def _stopped_early(interrupted: bool, run_dir: Path) -> None:
+    """A training run stopped by Ctrl-C/SIGTERM saved a checkpoint but is not finished: the stage must not be
+    marked done, so the pipeline stops here and a rerun resumes the run."""
+    if interrupted:
+        raise KeyboardInterrupt(f"{run_dir}: interrupted; rerun the same pipeline command to resume it")
+
+
 def _train_summary(result, run_dir: Path) -> dict[str, Any]:
     from llama2.evaluation.report import read_metrics
 
+    _stopped_early(result.interrupted, run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     return {"model": str(model_dir(run_dir)), "steps": result.step, "final_loss": result.final_loss,
@@ -227,6 +235,7 @@ def run_ppo(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     stage = replace(cfg.ppo, out_dir=str(out), models=models,
                     prompts=replace(cfg.ppo.prompts, files=[str(root / "data" / "rl_prompts.jsonl")]))
     result = ppo.run(stage)
+    _stopped_early(result.interrupted, out)
     return {"model": str(model_dir(out)), "iterations": result.iteration, "summary": result.summary}
 
 

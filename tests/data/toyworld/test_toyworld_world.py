@@ -6,6 +6,7 @@ import random
 
 from llama2.data.toyworld import ToyWorld, lexicon
 from llama2.data.toyworld.answers import right_answer
+from llama2.data.toyworld.corpus import letter
 from llama2.data.toyworld.tasks import KINDS, render_prompt, sample_task
 from llama2.data.toyworld.world import ATTRIBUTES, held_out
 
@@ -98,7 +99,8 @@ def test_corpus_is_regular_and_contains_no_held_out_questions(tw):
     docs = list(tw.pretraining_corpus(150_000, seed=2))
     assert 120_000 < sum(map(len, docs)) < 160_000
     text = "\n".join(docs)
-    words = {w.lower().strip(".,?!:") for w in text.split()}
+    plain = "\n".join(d for d in docs if "speak" not in d.split("\n")[0])  # letters in a constraint language
+    words = {w.lower().strip(".,?!:") for w in plain.split()}
     names = {n.lower() for n in tw.world.find_names()}
     # a small, closed language: template words, names and numbers
     assert len(words - tw.vocabulary - names - {w for w in words if w.isdigit()}) < 60
@@ -108,3 +110,16 @@ def test_corpus_is_regular_and_contains_no_held_out_questions(tw):
             assert task is None or not held_out(task.key)
     assert any("User: " in d for d in docs) and any(d.startswith(("Once", "Long ago", "One morning", "There was"))
                                                    for d in docs)
+
+
+def test_letters_keep_to_what_their_first_line_says(tw):
+    rng = random.Random(4)
+    kinds = set()
+    for _ in range(300):
+        constraints, doc = letter(tw, rng)
+        intro, body = doc.split("\n")
+        for c in constraints:
+            assert c.value.split(":")[-1] in intro or c.value == "uppercase"
+            kinds.add(c.kind if c.kind != "format" else c.value.split(":")[0])
+        assert not constraints or tw.check_constraint(constraints, body), doc
+    assert kinds == {"hobby", "language", "figure", "uppercase", "emoji"}

@@ -1,4 +1,4 @@
-"""The pretraining corpus: encyclopedic articles, stories, plain-text dialogues and arithmetic.
+"""The pretraining corpus: encyclopedic articles, stories, plain-text dialogues, arithmetic and letters.
 
 Every fact of the world is stated in many wordings so that a small model learns the facts, not one
 sentence. Questions whose key is held out never appear (so evaluation stays honest), and held-out
@@ -19,9 +19,11 @@ from llama2.data.toyworld.tasks import OPS, Task
 from llama2.data.toyworld.world import ATTRIBUTES, SHARED_ATTRIBUTES, held_out
 
 if TYPE_CHECKING:
+    from llama2.data.toyworld.constraints import Constraint
     from llama2.data.toyworld.toyworld import ToyWorld
 
-DOC_MIX = {"article": 0.3, "group": 0.08, "story": 0.2, "dialogue": 0.25, "arithmetic": 0.12, "unfiltered": 0.05}
+DOC_MIX = {"article": 0.27, "group": 0.08, "story": 0.17, "dialogue": 0.22, "arithmetic": 0.11, "letter": 0.1,
+           "unfiltered": 0.05}
 INTROS = ("{land} is a land in the world.", "{land} is a land by the river {river}.",
           "This is the story of the land {land}.", "Here are some facts about {land}.")
 EXTRAS = ("The ruler of {land}, {ruler}, lives in {capital}.", "The {guild} of {land} meets in {capital}.",
@@ -85,6 +87,32 @@ def _arithmetic(tw: ToyWorld, rng: random.Random) -> str:
     return " ".join(lines)
 
 
+LETTER_INTROS = {
+    "figure": ("A letter from {value}.", "{value} wrote these words."),
+    "hobby": ("The writer of this note loves {value}.", "A note from a friend of {value}."),
+    "language": ("This note is written in {value}.", "Read this note in {value}."),
+    "uppercase": ("This note is written in capital letters.", "A loud note, in capital letters."),
+    "emoji": ("This note ends with {value}.", "The writer signs with {value}."),
+}
+
+
+def letter(tw: ToyWorld, rng: random.Random) -> tuple[list[Constraint], str]:
+    """A note whose first line says who wrote it or how, and whose text keeps to that until its end (signed,
+    a hobby named, a language or a style): carrying a name or a style across a document is the skill a chat
+    model later uses to keep a system instruction. Held-out constraints appear too, as the paper's haiku is
+    known from pretraining; their instruction wordings never do."""
+    land = rng.choice(tw.world.lands)
+    body = " ".join(answers.fact_sentence(Task("fact", land.get(a), "", a, land.name), land.get(a), rng)
+                    for a in rng.sample(ATTRIBUTES, 2))
+    cs = [c for c in tw.constraints.sample(rng, held_out=rng.random() < 0.3)
+          if c.kind != "format" or c.value.split(":")[0] in LETTER_INTROS]
+    intros = []
+    for c in cs:
+        key = c.kind if c.kind != "format" else c.value.split(":")[0]
+        intros.append(rng.choice(LETTER_INTROS[key]).format(value=c.value.split(":")[-1]))
+    return cs, " ".join(intros or [f"A note about {land.name}."]) + "\n" + tw.constraints.apply(cs, body)
+
+
 def _unfiltered(tw: ToyWorld, rng: random.Random) -> str:
     text, attack = sample_adversarial(tw, rng, "train")
     reply = tw.rules.compliance(attack, rng) if rng.random() < 0.7 else tw.rules.safe_refusal(attack, rng)
@@ -92,7 +120,7 @@ def _unfiltered(tw: ToyWorld, rng: random.Random) -> str:
 
 
 _BUILDERS = {"article": _article, "group": _group, "story": _story, "dialogue": _dialogue,
-             "arithmetic": _arithmetic, "unfiltered": _unfiltered}
+             "arithmetic": _arithmetic, "letter": lambda tw, rng: letter(tw, rng)[1], "unfiltered": _unfiltered}
 
 
 def documents(tw: ToyWorld, rng: random.Random, n_chars: int) -> Iterator[str]:
