@@ -63,7 +63,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     # the safety stage fine-tuned on safety demonstrations and helpful replay beside the distilled answers
     mixed = (tmp_path / "run" / "safety" / "safety_sft.jsonl").read_text().splitlines()
     refusals = [json.loads(line)["messages"][-1]["content"] for line in mixed]
-    assert len(mixed) == 16 and sum(r.startswith("I can't help you") for r in refusals) == 8
+    assert len(mixed) == 20 and sum(r.startswith("I can't help you") for r in refusals) == 8
 
 
 def test_a_stage_whose_training_was_interrupted_is_not_marked_done(tmp_path, monkeypatch):

@@ -75,6 +75,9 @@ class DistillSettings:
     demonstrations: int = 0
     """Safety SFT: toy-world adversarial prompts with safe demonstrations (refuse, explain, redirect) mixed
     into the distillation fine-tune (SPEC §10.2 technique 1); 0 leaves distillation alone."""
+    borderline: int = 0
+    """Borderline training prompts with their helpful answers mixed in beside the refusals, so that the model
+    learns where the line is (refusals alone teach it to refuse anything that looks risky)."""
     helpful_replay: int = 0
     """Helpfulness dialogs (the SFT data's mix) mixed in too, so that safety tuning keeps helpfulness."""
     data: safety.DistillData = field(default_factory=safety.DistillData)
@@ -247,9 +250,11 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     root = out.parent
     d = cfg.safety
     mix = []
-    if d.demonstrations or d.helpful_replay:
+    if d.demonstrations or d.borderline or d.helpful_replay:
         world = ToyWorld(cfg.data.seed)
         dialogs = world.sft_dialogs(d.demonstrations, seed=21, safety_rate=1.0) if d.demonstrations else []
+        dialogs += world.sft_dialogs(d.borderline, seed=23, safety_rate=0.0, borderline_rate=1.0) \
+            if d.borderline else []
         dialogs += world.sft_dialogs(d.helpful_replay, seed=22, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
                                      constraint_rate=cfg.data.sft_constraint_rate) if d.helpful_replay else []
         mix = [out / "safety_sft.jsonl"]
@@ -260,7 +265,8 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
                           epochs=d.epochs, train=d.train)
     result = _train_summary(safety.run(stage), out)
     return {**result, "distill": json.loads((out / "distill_report.json").read_text()),
-            "safety_sft": {"demonstrations": d.demonstrations, "helpful_replay": d.helpful_replay}}
+            "safety_sft": {"demonstrations": d.demonstrations, "borderline": d.borderline,
+                           "helpful_replay": d.helpful_replay}}
 
 
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:

@@ -150,6 +150,15 @@ def test_warnings_flag_negative_kl_runaway_length_and_reward_hacking():
     assert ppo.warnings_for({**last, "oracle_combined": 0.5}, honest, h, 4) == []
 
 
+def test_summary_compares_the_first_and_last_eighth_of_the_iterations():
+    history = [{"iteration": i + 1, "reward_combined": 0.1 * i, "kl": 0.01 * i, "response_length": 10.0}
+               for i in range(16)]
+    summary = ppo.summarize(history, ppo.Config())
+    assert summary["summary_window"] == 2
+    assert summary["reward_start"] == pytest.approx(0.05) and summary["reward_end"] == pytest.approx(1.45)
+    assert summary["kl_end"] == pytest.approx(0.15) and summary["mean_kl"] == pytest.approx(0.075)
+
+
 @pytest.mark.parametrize("preset", ["smoke", "demo", "7b", "70b"])
 def test_presets_load_and_name_their_launch_command(preset):
     path = REPO / "configs" / "ppo" / f"{preset}.yaml"

@@ -64,6 +64,12 @@ def test_merge_pool_lets_earlier_winners_compete_and_keeps_prompts_only_the_pool
     assert best[0]["reward"] == pytest.approx(0.9)
 
 
+def test_an_empty_answer_is_never_selected():
+    p1, p2 = (rs.Prompt([{"role": "user", "content": t}], False) for t in ("one", "two"))
+    best = rs.select_best([p1, p2], [["", "fine"], [" ", ""]], [torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.6])])
+    assert [b["messages"][-1]["content"] for b in best] == ["fine"]  # prompt two has no usable answer
+
+
 def write_eval(folder, accuracy):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RM_EVAL_FILE).write_text(json.dumps({"accuracy": accuracy}))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llama2.generation.compiled_step import compiled_step
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.sampling import next_token
 from llama2.model.transformer import Transformer
@@ -53,9 +54,12 @@ def generate(
     echo: bool = False,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generate for a batch of ragged prompts. `cuda_graph` (default: on for CUDA models in eval mode)
-    replays each decoding step from a captured graph; the tokens are the same either way."""
+    replays each decoding step from a captured graph; `compile` (off by default: the first call per batch
+    size and cache length compiles for tens of seconds) runs it through `torch.compile` instead, the fast
+    path on a CPU. The tokens are the same either way, up to floating-point reassociation."""
     args = model.args
     _validate_prompts(prompts, args.vocab_size, args.max_seq_len)
     if max_gen_len < 1:
@@ -76,7 +80,8 @@ def generate(
 
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training
-    step = graphed_step(model, bsz, total_len) if cuda_graph else None
+    step = graphed_step(model, bsz, total_len) if cuda_graph else \
+        compiled_step(model, bsz, total_len) if compile else None
     if step is None:
         model.setup_cache(bsz, total_len)
     try:

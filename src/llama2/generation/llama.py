@@ -54,13 +54,15 @@ def detokenize_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.n_words} pieces but the model's vocabulary is {model.args.vocab_size}"
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
+        """Decode with a `torch.compile`d step (see `generation.compiled_step`): fastest on a CPU once compiled."""
 
     @property
     def args(self) -> ModelArgs:
@@ -77,14 +79,16 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_seq_len: int | None = None,
+        compile: bool = False,
     ) -> Llama:
-        """Load a Hugging Face or Meta checkpoint directory (format detected from config.json/params.json)."""
+        """Load a Hugging Face or Meta checkpoint directory (format detected from config.json/params.json).
+        `compile=True` decodes through a compiled step (tens of seconds to compile on first use)."""
         path = Path(path)
         detect_format(path)
         tokenizer = Tokenizer(find_tokenizer(path))
         model = load_checkpoint(path, tokenizer.n_words, device=device, dtype=dtype, max_seq_len=max_seq_len)
         model.eval()
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, compile=compile)
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write a Hugging Face directory that `transformers` loads with identical logits."""
@@ -119,6 +123,7 @@ class Llama:
             logprobs=logprobs,
             echo=echo,
             generator=self._generator(seed),
+            compile=self.compile,
         )
         return (out.tokens, out.logprobs) if logprobs else out.tokens
 

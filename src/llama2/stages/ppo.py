@@ -600,8 +600,19 @@ def warnings_for(record: dict, history: Sequence[dict], h: PPOHyper, window: int
 
 
 def summarize(history: Sequence[dict], cfg: Config) -> dict:
-    """summary.json: the keys the pipeline's report reads (`mean_kl`, `reward_start`, `reward_end`)."""
+    """summary.json: the keys the pipeline's report reads (`mean_kl`, `reward_start`, `reward_end`).
+
+    Start and end values are means over the first and last eighth of the iterations (at least one): a single
+    iteration's batch of prompts is too noisy to compare (`summary_window` records the width)."""
     first, last = history[0], history[-1]
+    window = max(1, len(history) // 8)
+
+    def start(key: str) -> float:
+        return sum(r[key] for r in history[:window]) / window
+
+    def end(key: str) -> float:
+        return sum(r[key] for r in history[-window:]) / window
+
     out = {
         "iterations": last["iteration"],
         "reward_source": cfg.models.reward_source,
@@ -610,15 +621,16 @@ def summarize(history: Sequence[dict], cfg: Config) -> dict:
         "mean_kl": sum(r["kl"] for r in history) / len(history),
         "kl_end": last["kl"],
         "kl_target": cfg.ppo.kl_target,
-        "reward_start": first["reward_combined"],
-        "reward_end": last["reward_combined"],
-        "response_length_start": first["response_length"],
-        "response_length_end": last["response_length"],
+        "summary_window": window,
+        "reward_start": start("reward_combined"),
+        "reward_end": end("reward_combined"),
+        "response_length_start": start("response_length"),
+        "response_length_end": end("response_length"),
         "warnings": sum(len(r.get("warnings", [])) for r in history),
     }
     if first.get("oracle_combined") is not None:
         for key in ("oracle_combined", "oracle_helpfulness", "oracle_safety"):
-            out[f"{key}_start"], out[f"{key}_end"] = first[key], last[key]
+            out[f"{key}_start"], out[f"{key}_end"] = start(key), end(key)
     return out
 
 

@@ -188,10 +188,14 @@ def merge_pool(prompts: list[Prompt], samples: list[list[str]], scores: torch.Te
 
 
 def select_best(prompts: list[Prompt], candidates: list[list[str]], scores: list[torch.Tensor]) -> list[dict]:
-    """The highest-scored answer of each prompt as a chat record with its reward."""
+    """The highest-scored non-empty answer of each prompt as a chat record with its reward (an empty answer
+    is no demonstration; a prompt whose answers are all empty is left out)."""
     records = []
     for p, answers, s in zip(prompts, candidates, scores, strict=True):
-        i = int(s.argmax())
+        usable = torch.tensor([bool(a.strip()) for a in answers])
+        if not usable.any():
+            continue
+        i = int(s.masked_fill(~usable, float("-inf")).argmax())
         records.append({"messages": p.dialog + [{"role": "assistant", "content": answers[i]}],
                         "reward": float(s[i]), "is_safety": p.is_safety})
     return records
