@@ -3,9 +3,10 @@
     llama2 pipeline --preset smoke|demo --out DIR [--set section.key=value ...]
 
 toy world → tokenizer → pretrain → SFT → helpfulness and safety reward models → rejection sampling →
-PPO → GAtt → targeted safety context distillation → evaluation of every stage's model with the same oracle
-judges → `report.md`, `report.json` and plots. Each stage writes `<out>/<stage>/stage.json` when it has
-finished; a rerun skips finished stages, and an interrupted stage resumes from its own checkpoints.
+PPO → GAtt → safety SFT and targeted safety context distillation → (optionally) the safety-data scaling
+experiment → evaluation of every stage's model with the same oracle judges → `report.md`, `report.json` and
+plots. Each stage writes `<out>/<stage>/stage.json` when it has finished; a rerun skips finished stages,
+and an interrupted stage resumes from its own checkpoints.
 Stages that later issues add (reward models, rejection sampling, PPO, safety) plug in as entries of
 `STAGES`.
 """
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from llama2.config import dump_config, load_config
 from llama2.data.formats import dumps
 from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
+from llama2.stages import safety_scaling as scaling_experiment
 from llama2.stages.artifacts import model_dir
 from llama2.training.loop import TrainConfig
 
@@ -112,6 +114,11 @@ class PipelineConfig:
     """Targeted safety context distillation of the GAtt model."""
     gatt: gatt.Config = field(default_factory=gatt.Config)
     """Ghost Attention (`out_dir` and `init_from` are set by the pipeline)."""
+    safety_scaling: bool = False
+    """Also run the safety-data scaling experiment (SPEC §10.3, Figs. 15 and 33) from the pretrained model,
+    judged by the pipeline's reward models and oracles; its table and plots go into the report."""
+    scaling: scaling_experiment.Config = field(default_factory=scaling_experiment.Config)
+    """The scaling experiment's settings (`out_dir`, `init_from`, the eval data and RMs are set by the pipeline)."""
     evaluation: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -269,6 +276,19 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
                            "helpful_replay": d.helpful_replay}}
 
 
+def run_safety_scaling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    if not cfg.safety_scaling:
+        return {"enabled": False}
+    root = out.parent
+    stage = replace(cfg.scaling, out_dir=str(out), init_from=str(root / "pretrain"),
+                    data=replace(cfg.scaling.data, world_seed=cfg.data.seed),
+                    eval=replace(cfg.scaling.eval, data_dir=str(root / "data"),
+                                 helpfulness_rm=str(root / "reward_helpfulness"),
+                                 safety_rm=str(root / "reward_safety")))
+    _stopped_early(scaling_experiment.run(stage).interrupted, out)
+    return {"enabled": True, "rows": json.loads((out / "scaling.json").read_text())["rows"]}
+
+
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     stage = replace(cfg.gatt, out_dir=str(out), init_from=str(model_dir(out.parent / RLHF_MODEL)),
                     data=replace(cfg.gatt.data, world_seed=cfg.data.seed))
@@ -314,6 +334,7 @@ STAGES = [
     Stage("ppo", run_ppo),
     Stage("gatt", run_gatt),
     Stage("safety", run_safety),
+    Stage("safety_scaling", run_safety_scaling),
     Stage("evaluation", run_evaluation),
 ]
 

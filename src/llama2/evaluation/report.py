@@ -205,6 +205,12 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     if distill:
         report["safety_distillation"] = {k: distill[k] for k in ("scorer", "prompts", "kept", "share_kept", "scores")
                                          if k in distill}
+    safety_sft = results.get("safety", {}).get("safety_sft")
+    if safety_sft:
+        report["safety_sft"] = safety_sft
+    scaling = results.get("safety_scaling", {})
+    if scaling.get("enabled"):
+        report["safety_scaling"] = [{k: v for k, v in row.items() if k != "model"} for row in scaling["rows"]]
     if best_of_n:
         report["rejection_sampling"] = {k: v for k, v in best_of_n.items()
                                         if k.endswith("_by_n") or k == "by_temperature"}
@@ -213,6 +219,7 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
                           "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
     stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
+                   "safety_scaling/scaling_scores.png", "safety_scaling/false_refusal.png",
                    *sorted(str(p.relative_to(out)) for p in out.glob("reward_*/rm_scores_*.png"))]
     plots = [p for p in (plot_losses(out), plot_stage_scores(out, models) if models else None,
                          plot_adherence(out, adherence)) if p]
@@ -273,6 +280,17 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
         lines += ["", "## Safety context distillation", "",
                   f"Kept {d['kept']} of {d['prompts']} distilled answers ({d['share_kept']:.0%}), scored by "
                   f"{d['scorer']}; median safety score by preprompt: {medians} (Fig. 16a analogue)."]
+    if "safety_sft" in report:
+        m = report["safety_sft"]
+        lines.append(f"\nThe same fine-tune mixed in {m['demonstrations']} safety demonstrations, "
+                     f"{m.get('borderline', 0)} borderline answers and {m['helpful_replay']} helpful dialogs "
+                     "(safety SFT beside the distilled answers).")
+    if "safety_scaling" in report:
+        from llama2.stages.safety_scaling import table_lines
+
+        lines += ["", "## Safety-data scaling (Fig. 15 and Fig. 33 analogues)", "",
+                  "Safety SFT from the pretrained model with the helpfulness data fixed and a growing share of "
+                  "safety demonstrations (`safety_scaling/scaling.md`):", "", *table_lines(report["safety_scaling"])]
     if "gatt" in report:
         seen = report["gatt"]["adherence_by_turn"]
         lines += ["", "## Ghost Attention: adherence by turn (seen constraints)", "",

@@ -164,14 +164,20 @@ def _cell(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def write_table(rows: list[dict], out: Path, notes: list[str]) -> None:
-    """Step 4: `scaling.json` and `scaling.md`."""
-    (out / "scaling.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2) + "\n")
+def table_lines(rows: list[dict]) -> list[str]:
+    """The Markdown table of the rows (also embedded in the pipeline's report)."""
     head = "| safety data | safety dialogs | " + " | ".join(name for _, name in COLUMNS) + " |"
-    lines = ["# Safety-data scaling (SPEC Fig. 15, Fig. 33)", "", head, "|" + "---|" * (len(COLUMNS) + 2)]
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
         cells = " | ".join(_cell(r.get(key)) for key, _ in COLUMNS)
         lines.append(f"| {r['fraction']:.0%} | {r['safety_dialogs']} | {cells} |")
+    return lines
+
+
+def write_table(rows: list[dict], out: Path, notes: list[str]) -> None:
+    """Step 4: `scaling.json` and `scaling.md`."""
+    (out / "scaling.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2) + "\n")
+    lines = ["# Safety-data scaling (SPEC Fig. 15, Fig. 33)", "", *table_lines(rows)]
     lines += [""] + [f"- {n}" for n in notes]
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
 
