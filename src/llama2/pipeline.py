@@ -111,7 +111,7 @@ class PipelineConfig:
     ppo: ppo.Config = field(default_factory=ppo.Config)
     """PPO from the rejection-sampling model (policy, RMs and prompts are set by the pipeline)."""
     safety: DistillSettings = field(default_factory=lambda: DistillSettings())
-    """Targeted safety context distillation of the GAtt model."""
+    """Safety tuning of the GAtt model: targeted context distillation, with safety SFT data mixed in."""
     gatt: gatt.Config = field(default_factory=gatt.Config)
     """Ghost Attention (`out_dir` and `init_from` are set by the pipeline)."""
     safety_scaling: bool = False
@@ -250,8 +250,8 @@ def run_ppo(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 
 def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    """Safety SFT demonstrations and helpfulness replay (when configured) plus targeted context distillation,
-    in one fine-tune of the GAtt model."""
+    """Safety SFT demonstrations, borderline answers and helpfulness replay (when configured) plus targeted
+    context distillation, in one fine-tune of the GAtt model."""
     from llama2.data.toyworld import ToyWorld
 
     root = out.parent
