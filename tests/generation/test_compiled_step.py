@@ -23,4 +23,4 @@ def test_compiled_decoding_equals_eager_and_reuses_its_step():
     assert compiled == eager
     again = generate(model, prompts, 24, stop_ids=[], temperature=0, compile=True).tokens
     assert again == eager
-    assert len(model._compiled_steps) == 1  # same batch size and cache length: the same compiled step
+    assert len(model._decode_steps) == 1  # same batch size and cache length: the same compiled step
