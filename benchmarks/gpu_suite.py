@@ -13,7 +13,10 @@ Sections
   decode    batch-1 and batch-64 greedy decoding of 128 new tokens: our generator (CUDA-graph steps and
             plain eager) and `transformers`' `generate`, same bf16 weights; tokens of all three compared.
   ppo       PPO iterations of the real stage (`llama2.stages.ppo`) on a ~1B policy (the 1B shape with a
-            4,096-piece toy tokenizer), split into generation, the rest of the rollout, and the update.
+            4,096-piece toy tokenizer), split into generation, the rest of the rollout, and the update;
+            with rollouts sampled from the fp32 policy and from its bf16 copy (`models.rollout_dtype`).
+
+Sections run in the order given by `--sections`; the JSON and the table are rewritten after each one.
 """
 
 from __future__ import annotations
@@ -307,20 +310,27 @@ def bench_ppo(shape: PPOShape, device: torch.device, work: Path) -> dict:
         return ppo.Scores(torch.tensor([sum(t % 2 == 0 for t in r) / max(len(r), 1) for r in ids]), None)
 
     micro = min(16, shape.prompts)
-    cfg = ppo.Config(out_dir=str(work / "run"), device=device.type, checkpoint_every=0,
-                     models=ppo.Models(policy=str(policy)), prompts=ppo.Prompts(files=[str(prompts)]),
-                     ppo=ppo.PPOHyper(iterations=shape.iterations, batch_size=shape.prompts, mini_batch_size=micro,
-                                      micro_batch_size=micro, generation_batch_size=shape.prompts,
-                                      max_gen_len=shape.max_gen_len))
-    ppo.run(cfg, scorer=even_share)
-    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
-    return {"params": model.args.num_params(), "prompts_per_iteration": shape.prompts,
-            "max_gen_len": shape.max_gen_len, "mean_response_length": last["response_length"],
+    result = {"params": model.args.num_params(), "prompts_per_iteration": shape.prompts,
+              "max_gen_len": shape.max_gen_len, "rollouts": []}
+    for dtype in ("fp32", "bf16"):
+        run_dir = work / f"run_{dtype}"
+        cfg = ppo.Config(out_dir=str(run_dir), device=device.type, checkpoint_every=0,
+                         models=ppo.Models(policy=str(policy), rollout_dtype=dtype),
+                         prompts=ppo.Prompts(files=[str(prompts)]),
+                         ppo=ppo.PPOHyper(iterations=shape.iterations, batch_size=shape.prompts,
+                                          mini_batch_size=micro, micro_batch_size=micro,
+                                          generation_batch_size=shape.prompts, max_gen_len=shape.max_gen_len))
+        ppo.run(cfg, scorer=even_share)
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = rows[-1]  # the first iteration captures the decoding graphs
+        result["rollouts"].append({
+            "rollout_dtype": dtype, "mean_response_length": last["response_length"],
             "iteration_seconds": last["seconds"], "generation_seconds": last["seconds_generation"],
             "rollout_seconds": last["seconds_rollout"], "update_seconds": last["seconds_update"],
             "generation_share": last["seconds_generation"] / last["seconds"],
-            "iterations": [{k: r[k] for k in ("seconds", "seconds_generation", "seconds_update")} for r in rows]}
+            "generation_logprob_max_diff": last["generation_logprob_max_diff"],
+            "iterations": [{k: r[k] for k in ("seconds", "seconds_generation", "seconds_update")} for r in rows]})
+    return result
 
 
 # --- the suite ------------------------------------------------------------------------------------------------
@@ -349,9 +359,11 @@ def run_suite(tiny: bool, out_dir: Path, sections: list[str]) -> dict:
     }
     if device.type == "cuda":
         jobs["graph_check"] = lambda: check_cuda_graph_decoding(device)
-    for name, job in jobs.items():
-        if name not in sections and not (name == "graph_check" and "decode" in sections):
-            continue
+    order = [n for n in sections if n in jobs] + (["graph_check"] if "graph_check" in jobs and "decode" in sections
+                                                   else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in order:
+        job = jobs[name]
         start = time.perf_counter()
         try:
             report[name] = job()
@@ -360,9 +372,9 @@ def run_suite(tiny: bool, out_dir: Path, sections: list[str]) -> dict:
         print(f"[gpu_suite] {name} done in {time.perf_counter() - start:.0f}s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "gpu_suite.md").write_text(render_markdown(report))
+        # written after every section, so a run stopped by a time limit keeps what it measured
+        (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "gpu_suite.md").write_text(render_markdown(report))
     return report
 
 
@@ -393,10 +405,14 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Greedy decoding, same bf16 weights:", "", markdown_table(report["decode"])]
     if "ppo" in report and "ppo" not in errors:
         p = report["ppo"]
-        lines += ["", f"PPO ({p['params']:,}-parameter policy, {p['prompts_per_iteration']} prompts, up to "
-                      f"{p['max_gen_len']} new tokens, fp32): one iteration {p['iteration_seconds']:.2f}s = generation "
-                      f"{p['generation_seconds']:.2f}s ({p['generation_share']:.0%}) + rest of the rollout "
-                      f"{p['rollout_seconds'] - p['generation_seconds']:.2f}s + update {p['update_seconds']:.2f}s"]
+        rows = [{"rollouts": r["rollout_dtype"], "iteration s": r["iteration_seconds"],
+                 "generation s": r["generation_seconds"], "generation share": f"{r['generation_share']:.0%}",
+                 "rest of rollout s": r["rollout_seconds"] - r["generation_seconds"],
+                 "update s": r["update_seconds"], "mean response tokens": r["mean_response_length"],
+                 "max log-prob diff vs trainer": r["generation_logprob_max_diff"]} for r in p["rollouts"]]
+        lines += ["", f"PPO, one iteration ({p['params']:,}-parameter fp32 policy, {p['prompts_per_iteration']} "
+                      f"prompts, up to {p['max_gen_len']} new tokens; the last of the run's iterations):", "",
+                  markdown_table(rows)]
     if "graph_check" in report and "graph_check" not in errors:
         lines += ["", f"CUDA-graph decoding exactness (fp32, ragged batch): {report['graph_check']}"]
     return "\n".join(lines) + "\n"

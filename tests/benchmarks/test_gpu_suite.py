@@ -18,3 +18,14 @@ def test_tiny_suite_writes_json_and_table(tmp_path):
                for r in saved["decode"])  # fp32 greedy on CPU: the same tokens as transformers
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "Greedy decoding" in table and "Pretraining" in table
+
+
+@pytest.mark.slow
+def test_tiny_ppo_section_times_fp32_and_bf16_rollouts(tmp_path):
+    report = run_suite(tiny=True, out_dir=tmp_path, sections=["ppo"])
+    rows = report["ppo"]["rollouts"]
+    assert [r["rollout_dtype"] for r in rows] == ["fp32", "bf16"]
+    for r in rows:
+        assert 0 < r["generation_seconds"] < r["rollout_seconds"] < r["iteration_seconds"]
+    assert rows[0]["generation_logprob_max_diff"] <= 1e-5 < rows[1]["generation_logprob_max_diff"]
+    assert "PPO, one iteration" in (tmp_path / "gpu_suite.md").read_text()

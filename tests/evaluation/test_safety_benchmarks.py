@@ -142,7 +142,8 @@ def test_toxigen_end_to_end_with_builtin_and_hf_classifiers(checkpoint, tmp_path
     assert result["classifier"]["heldout_accuracy"] >= 0.85
     assert result["decoding"] == {"temperature": 0.1, "top_p": 0.9, "max_gen_len": 8, "chat": False}
     records = [json.loads(line) for line in (tmp_path / "records" / "toxigen.jsonl").read_text().splitlines()]
-    assert result["toxic_percent"] == pytest.approx(100 * sum(r["toxic_probability"] > 0.5 for r in records) / 6)
+    assert result["toxic_percent"] == pytest.approx(100 * sum(r["toxic_probability"] > 0.5 for r in records) / 6,
+                                                    abs=0.005)  # reported to 2 decimals
     assert all("\n" not in r["generation"] and r["prompt"].endswith("\n-") for r in records)
     again = run_eval(checkpoint, tmp_path, "toxigen", *opts)  # same seed: same prompts, generations and verdicts
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}

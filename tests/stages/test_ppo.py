@@ -74,6 +74,29 @@ def test_generation_logprobs_equal_the_training_forward(setup, value):
     assert rollout.tokens.shape[1] - 1 == rollout.mask.shape[1] == rollout.values.shape[1]
 
 
+def test_bf16_rollouts_sample_from_a_copy_refreshed_in_place(setup, tmp_path):
+    policy_dir, prompts_file, tokenizer = setup
+    cfg = config(tmp_path, policy_dir, prompts_file, iterations=2)
+    cfg.models.rollout_dtype = "bf16"
+    cfg.checkpoint_every = 0
+    ppo.run(cfg, scorer=target_scorer(0))
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2  # bf16 samples, fp32 trainer: off-policy by rounding only
+    assert all(1e-5 < r["generation_logprob_max_diff"] < 0.5 for r in history)
+
+    policy = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16))
+    sampler = ppo._sampler(policy, "bf16")
+    storage = [p.data_ptr() for p in sampler.parameters()]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    ppo.refresh_sampler(sampler, policy)
+    assert [p.data_ptr() for p in sampler.parameters()] == storage  # captured CUDA graphs stay valid
+    for got, want in zip(sampler.parameters(), policy.parameters(), strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    assert ppo._sampler(policy, "fp32") is None
+
+
 @pytest.mark.slow
 def test_tiny_ppo_learns_the_target_token(setup, tmp_path):
     policy_dir, prompts_file, tokenizer = setup

@@ -20,12 +20,14 @@ class CompiledDecodeStep(CacheOwningStep):
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         super().__init__(model, batch_size, cache_len)
         self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
-        self.fn = torch.compile(lambda tokens, pos: model(tokens, start_pos=pos), dynamic=False)
+        self.fn = torch.compile(lambda tokens, pos, positions, mask: model(tokens, pos, mask, positions),
+                                dynamic=False)
 
-    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (B, 1, V) for `tokens` (B, 1) at position `pos`."""
+    def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) for `tokens` (B, 1) written at cache slot `pos`, at rotary `positions` (B, 1),
+        attending to the slots where `mask` (B, 1, 1, cache_len) is True."""
         self.pos.fill_(pos)
-        return self.fn(tokens, self.pos)
+        return self.fn(tokens, self.pos, positions, mask)
 
 
 def compiled_step(model: Transformer, batch_size: int, cache_len: int) -> CompiledDecodeStep:

@@ -20,20 +20,28 @@ class GraphedDecodeStep(CacheOwningStep):
         device = model.output.weight.device
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+        self.mask = torch.ones((batch_size, 1, 1, self.cache_len), dtype=torch.bool, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the capture
-                model(self.tokens, start_pos=self.pos)
+                self._forward()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = model(self.tokens, start_pos=self.pos)
+            self.logits = self._forward()
 
-    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (B, 1, V) for `tokens` (B, 1) at position `pos`; the returned tensor is reused next call."""
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.tokens, start_pos=self.pos, mask=self.mask, positions=self.positions)
+
+    def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) for `tokens` (B, 1) written at cache slot `pos`, at rotary `positions` (B, 1),
+        attending to the slots where `mask` (B, 1, 1, cache_len) is True; the returned tensor is reused."""
         self.tokens.copy_(tokens)
         self.pos.fill_(pos)
+        self.positions.copy_(positions)
+        self.mask.copy_(mask)
         self.graph.replay()
         return self.logits
 

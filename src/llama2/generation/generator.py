@@ -1,9 +1,11 @@
 """Batched KV-cache generation over token lists (Meta's `generate`, trainable model, any device).
 
-Prompts of different lengths share one batch: they are laid out left-aligned in a `(B, total_len)` grid,
-the common prefix is prefilled in one pass, and from there one position is decoded per step, with prompt
-tokens forced where a prompt is still running. No padding mask is needed because every row starts at
-position 0.
+Prompts of different lengths share one batch, left-padded to the longest: every prompt is prefilled in one
+pass and all rows then decode in lockstep, one cache slot per step. Each row keeps its own rotary positions
+(a row's first real token is position 0 whatever its padding) and never attends to its padding slots, so a
+row's tokens are those it would get alone. Meta's reference lays prompts out left-aligned instead and
+decodes from the shortest prompt's end with prompt tokens forced, which costs one full step per token of
+length spread: 130 extra steps for prompts of 20 to 150 tokens.
 """
 
 from __future__ import annotations
@@ -66,57 +68,72 @@ def generate(
         raise ValueError(f"max_gen_len must be at least 1, got {max_gen_len}")
     bsz = len(prompts)
     device = model.output.weight.device
-    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
-    total_len = min(args.max_seq_len, max_gen_len + max_len)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    max_len = int(lengths.max())
+    limits = (args.max_seq_len - lengths).clamp(max=max_gen_len)  # new tokens each row may have
+    width = max_len + int(limits.max())  # may exceed the context: rows stop at their own limit
+    pad = max_len - lengths  # (B,)
 
-    tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
-    is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+    tokens = torch.zeros((bsz, width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        is_prompt[i, : len(p)] = True
-    token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
+        tokens[i, max_len - len(p) : max_len] = torch.tensor(p, dtype=torch.long, device=device)
+    slots = torch.arange(width, device=device)
+    positions = (slots - pad[:, None]).clamp(min=0)  # (B, width): each row's own rotary positions
+    real = slots >= pad[:, None]  # (B, width): False on padding slots
+    token_logprobs = torch.zeros((bsz, width), dtype=torch.float, device=device) if logprobs else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training
-    step = graphed_step(model, bsz, total_len) if cuda_graph else \
-        compiled_step(model, bsz, total_len) if compile else None
+    step = graphed_step(model, bsz, width) if cuda_graph else compiled_step(model, bsz, width) if compile else None
     if step is None:
-        model.setup_cache(bsz, total_len)
+        model.setup_cache(bsz, width)
+    else:
+        step_mask = F.pad(real, (0, step.cache_len - width), value=True)[:, None, None, :]  # (B, 1, 1, cache)
     try:
-        prev_pos = 0
-        for cur_pos in range(min_len, total_len):
-            if step is not None and cur_pos - prev_pos == 1:
-                logits = step(tokens[:, prev_pos:cur_pos], prev_pos)
-            else:
-                logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)  # (B, T, V)
+        # Prefill: causal over real slots; a padding slot sees itself only, so no row of the softmax is empty.
+        prefill_mask = (slots[None, :max_len] <= slots[:max_len, None]) & (
+            real[:, None, :max_len] | torch.eye(max_len, dtype=torch.bool, device=device))
+        hidden = model.hidden_states(tokens[:, :max_len], 0, prefill_mask[:, None], positions[:, :max_len])
+        if echo and token_logprobs is not None:
+            logits = model.output(hidden).float()
+            token_logprobs[:, 1:max_len] = -F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), tokens[:, 1:max_len], reduction="none")
+            token_logprobs[:, :max_len] *= slots[:max_len] > pad[:, None]  # a prompt's first token has none
+            logits = logits[:, -1:]
+        else:
+            logits = model.output(hidden[:, -1:]).float()  # (B, 1, V)
+        cur_pos = max_len
+        while True:
             nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
-            nxt = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], nxt)
             tokens[:, cur_pos] = nxt
             if token_logprobs is not None:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
-                )
-            done |= ~is_prompt[:, cur_pos] & torch.isin(nxt, stop)
-            prev_pos = cur_pos
-            if bool(done.all()):
+                token_logprobs[:, cur_pos] = -F.cross_entropy(logits[:, -1], nxt, reduction="none")
+            done |= torch.isin(nxt, stop) | (cur_pos + 1 - max_len >= limits)
+            if cur_pos + 1 == width or bool(done.all()):
                 break
+            feed, pos = tokens[:, cur_pos : cur_pos + 1], positions[:, cur_pos : cur_pos + 1]
+            if step is not None:
+                logits = step(feed, cur_pos, pos, step_mask)
+            else:
+                logits = model(feed, cur_pos, real[:, None, None, : cur_pos + 1], pos)
+            cur_pos += 1
     finally:
         if step is None:
             model.clear_cache()
 
     out_tokens, out_logprobs = [], []
-    rows = tokens[:, : prev_pos + 1].tolist()
-    lp_rows = token_logprobs[:, : prev_pos + 1].tolist() if token_logprobs is not None else None
+    rows = tokens[:, : cur_pos + 1].tolist()
+    lp_rows = token_logprobs[:, : cur_pos + 1].tolist() if token_logprobs is not None else None
     stop_set = set(stop_ids)
     for i, row in enumerate(rows):
-        start = 0 if echo else len(prompts[i])
-        toks = row[start : len(prompts[i]) + max_gen_len]
-        cut = next((j for j, t in enumerate(toks) if t in stop_set and start + j >= len(prompts[i])), len(toks))
-        out_tokens.append(toks[:cut])
+        first = max_len - len(prompts[i]) if echo else max_len
+        generated = row[max_len : max_len + int(limits[i])]
+        cut = next((j for j, t in enumerate(generated) if t in stop_set), len(generated))
+        out_tokens.append(row[first : max_len + cut])
         if lp_rows is not None:
-            out_logprobs.append(lp_rows[i][start : start + cut])
+            out_logprobs.append(lp_rows[i][first : max_len + cut])
     return GenerationOutput(out_tokens, out_logprobs if logprobs else None)
 
 

@@ -23,6 +23,7 @@ class CacheOwningStep:
 
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         model.setup_cache(batch_size, cache_len)
+        self.cache_len = cache_len
         self.caches = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
         self.model = model
 
@@ -37,7 +38,8 @@ S = TypeVar("S", bound=CacheOwningStep)
 
 def cached_step(model: Transformer, batch_size: int, cache_len: int, build: Callable[[Transformer, int, int], S]) -> S:
     """The model's step of type `build` for this shape, built once and reused, attached to the model."""
-    cache_len = min(model.args.max_seq_len, -(-cache_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+    # A left-padded grid of ragged prompts can outgrow the context (see `generator`), never the rotary tables.
+    cache_len = min(2 * model.args.max_seq_len, -(-cache_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
     steps: dict[tuple, S] = model.__dict__.setdefault("_decode_steps", {})
     key = (build, batch_size, cache_len, tuple(p.data_ptr() for p in model.parameters()))
     step = steps.pop(key, None) or build(model, batch_size, cache_len)

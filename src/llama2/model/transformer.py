@@ -40,7 +40,8 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, H, T, hd) by position; cos/sin are (T, hd). Pairs are (x[i], x[i + hd/2])."""
+    """Rotate `x` (B, H, T, hd) by position; cos/sin are (T, hd), or (B, 1, T, hd) for per-row positions.
+    Pairs are (x[i], x[i + hd/2])."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
@@ -79,7 +80,8 @@ class Attention(nn.Module):
             self.cache_k[:bsz].index_copy_(2, positions, k)
             self.cache_v[:bsz].index_copy_(2, positions, v)
             k, v = self.cache_k[:bsz], self.cache_v[:bsz]  # (B, Hkv, S, hd)
-            mask = torch.arange(k.shape[2], device=x.device) <= positions[:, None]  # (T, S)
+            causal = torch.arange(k.shape[2], device=x.device) <= positions[:, None]  # (T, S)
+            mask = causal if mask is None else mask & causal
             is_causal = False
         elif start_pos is not None:
             # Incremental decoding: write this chunk into the cache and attend over everything so far.
@@ -133,7 +135,10 @@ class Transformer(nn.Module):
     `start_pos` does the same with shapes that never change from step to step (attention over the whole
     preallocated cache, later positions masked), so one decoding step can be captured in a CUDA graph.
     `mask` is an optional boolean attention mask (B or 1, 1, T, S), True where attention is allowed, used
-    for block-diagonal attention between packed documents.
+    for block-diagonal attention between packed documents and for the left padding of ragged prompts (with
+    the static-shape path it is combined with the causal mask over the whole cache). `positions` (B, T)
+    gives each row's own rotary positions, for left-padded rows whose first real token sits at a later
+    cache slot; by default a token's position is its slot.
     """
 
     def __init__(self, args: ModelArgs):
@@ -187,21 +192,27 @@ class Transformer(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
     def hidden_states(
-        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim): the trunk shared by the LM head and the scalar heads."""
         bsz, seqlen = tokens.shape
-        if isinstance(start_pos, torch.Tensor):
+        if start_pos is not None and not isinstance(start_pos, torch.Tensor):
+            cache = self.layers[0].attention.cache_k
+            if cache is None or cache.shape[0] < bsz or cache.shape[2] < start_pos + seqlen:
+                self.setup_cache(bsz, max(self.args.max_seq_len, start_pos + seqlen))
+        if positions is not None:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B,1,T,hd)
+        elif isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(seqlen, device=tokens.device)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         else:
             offset = start_pos or 0
             if offset + seqlen > self.rope_cos.shape[0]:
                 raise ValueError(f"sequence end {offset + seqlen} exceeds the rotary table ({self.rope_cos.shape[0]})")
-            if start_pos is not None:
-                cache = self.layers[0].attention.cache_k
-                if cache is None or cache.shape[0] < bsz or cache.shape[2] < offset + seqlen:
-                    self.setup_cache(bsz)
             cos = self.rope_cos[offset : offset + seqlen]
             sin = self.rope_sin[offset : offset + seqlen]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
@@ -210,6 +221,10 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.output(self.hidden_states(tokens, start_pos, mask)).float()
+        return self.output(self.hidden_states(tokens, start_pos, mask, positions)).float()
