@@ -76,6 +76,21 @@ def test_a_stage_whose_training_was_interrupted_is_not_marked_done(tmp_path, mon
     assert not (tmp_path / "run" / "sft" / "stage.json").exists()
 
 
+def test_an_optional_stage_recorded_while_off_runs_once_turned_on(tmp_path, monkeypatch):
+    ran = []
+
+    def ablation(cfg, out):
+        ran.append(cfg.margin_ablation)
+        return {"enabled": cfg.margin_ablation}
+
+    monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage("reward_margins", ablation, lambda c: c.margin_ablation)])
+    monkeypatch.setattr("llama2.evaluation.report.write_report", lambda out, results: {"results": results})
+    off, on = ["margin_ablation=false"], ["margin_ablation=true"]
+    for sets in (off, on, on, off):
+        pipeline.run_pipeline(pipeline.load_pipeline_config(str(SMOKE), str(tmp_path / "run"), sets))
+    assert ran == [False, True]  # off, then turned on; done (and on) after that, so never run again
+
+
 def _recording(stage, ran):
     def run(cfg, out):
         ran.append(stage.name)

@@ -127,6 +127,9 @@ class Stage:
     name: str
     run: Callable[[PipelineConfig, Path], dict[str, Any]]
     """Runs the stage in `<out>/<name>` and returns what later stages and the report need."""
+    enabled: Callable[[PipelineConfig], bool] | None = None
+    """For an optional stage, whether the config turns it on. A stage recorded as done while off runs when a
+    later command turns it on (e.g. `--set margin_ablation=true` on a finished demo folder)."""
 
 
 # --- the stages -----------------------------------------------------------------------------------------------
@@ -329,12 +332,12 @@ STAGES = [
     Stage("sft", run_sft),
     Stage("reward_helpfulness", run_reward_helpfulness),
     Stage("reward_safety", run_reward_safety),
-    Stage("reward_margins", run_margin_ablation),
+    Stage("reward_margins", run_margin_ablation, lambda cfg: cfg.margin_ablation),
     Stage("rejection_sampling", run_rejection_sampling),
     Stage("ppo", run_ppo),
     Stage("gatt", run_gatt),
     Stage("safety", run_safety),
-    Stage("safety_scaling", run_safety_scaling),
+    Stage("safety_scaling", run_safety_scaling, lambda cfg: cfg.safety_scaling),
     Stage("evaluation", run_evaluation),
 ]
 
@@ -354,7 +357,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     for stage in STAGES:
         stage_dir = out / stage.name
         done = stage_dir / "stage.json"
-        if done.is_file():
+        turned_on = stage.enabled is not None and stage.enabled(cfg)
+        if done.is_file() and not (turned_on and json.loads(done.read_text()).get("enabled") is False):
             results[stage.name] = json.loads(done.read_text())
             print(f"pipeline: {stage.name} already done ({results[stage.name]['seconds']:.0f}s), skipped",
                   file=sys.stderr)

@@ -91,11 +91,13 @@ def generate(
         model.setup_cache(bsz, width)
     else:
         step_mask = F.pad(real, (0, step.cache_len - width), value=True)[:, None, None, :]  # (B, 1, 1, cache)
+    ragged = bool((pad > 0).any())  # equal lengths (batch 1 included): plain causal attention, no mask
     try:
         # Prefill: causal over real slots; a padding slot sees itself only, so no row of the softmax is empty.
         prefill_mask = (slots[None, :max_len] <= slots[:max_len, None]) & (
             real[:, None, :max_len] | torch.eye(max_len, dtype=torch.bool, device=device))
-        hidden = model.hidden_states(tokens[:, :max_len], 0, prefill_mask[:, None], positions[:, :max_len])
+        hidden = model.hidden_states(tokens[:, :max_len], 0, prefill_mask[:, None] if ragged else None,
+                                     positions[:, :max_len] if ragged else None)
         if echo and token_logprobs is not None:
             logits = model.output(hidden).float()
             token_logprobs[:, 1:max_len] = -F.cross_entropy(
@@ -116,8 +118,10 @@ def generate(
             feed, pos = tokens[:, cur_pos : cur_pos + 1], positions[:, cur_pos : cur_pos + 1]
             if step is not None:
                 logits = step(feed, cur_pos, pos, step_mask)
-            else:
+            elif ragged:
                 logits = model(feed, cur_pos, real[:, None, None, : cur_pos + 1], pos)
+            else:
+                logits = model(feed, cur_pos)
             cur_pos += 1
     finally:
         if step is None:
