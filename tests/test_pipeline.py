@@ -44,6 +44,10 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
         for rating in ("significantly_better", "better", "slightly_better", "negligibly_better", "overall"):
             assert rating in rm["accuracy_by_rating"]
         assert 0.0 <= rm["accuracy_by_rating"]["overall"] <= 1.0 and 0.0 <= rm["label_ceiling"] <= 1.0
+    on_policy = saved["reward_models"]["helpfulness"]["on_policy_samples"]  # pairs of the SFT model's samples
+    assert 0 < on_policy["pairs"] <= cfg.rm_policy_pairs and 0.0 <= on_policy["label_ceiling"] <= 1.0
+    pairs = (tmp_path / "run" / "reward_helpfulness" / "sft_sample_pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == on_policy["pairs"] and all(p["chosen"] != p["rejected"] for p in map(json.loads, pairs))
     assert all(isinstance(v, float) for v in saved["rejection_sampling"]["reward_by_n"].values())
     assert set(saved["margin_ablation"]) == {"none", "small", "large"}
     assert all(0.0 <= by["overall"] <= 1.0 for by in saved["margin_ablation"].values())
@@ -58,6 +62,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()
     assert "What each stage did" in text and "gatt_adherence.png" in text and "Table 28 analogue" in text
+    assert "pairs of the SFT model's own samples" in text
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
     assert report["checks"]
     # the safety stage fine-tuned on safety demonstrations and helpful replay beside the distilled answers

@@ -103,6 +103,9 @@ class PipelineConfig:
     """The helpfulness RM (`out_dir`, `init_from` and the pair files are set by the pipeline)."""
     reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety"))
     """The safety RM (likewise)."""
+    rm_policy_pairs: int = 0
+    """Held-out prompts whose two samples from the SFT model make a second test set for the helpfulness RM:
+    the pairs best-of-N, rejection sampling and PPO ask it to rank (`evaluation/policy_pairs.py`). 0: none."""
     margin_ablation: bool = False
     """Also train the helpfulness RM with the `none` and `large` margins (SPEC Table 28 analogue in the
     report); two more RM trainings, so off in the 30-minute demo."""
@@ -210,7 +213,30 @@ def _run_reward(base: reward.Config, out: Path, root: Path, train: str, mix: str
 
 
 def run_reward_helpfulness(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    return _run_reward(replace(cfg.reward_helpfulness, kind="helpfulness"), out, out.parent, "helpfulness", "safety")
+    result = _run_reward(replace(cfg.reward_helpfulness, kind="helpfulness"), out, out.parent, "helpfulness",
+                         "safety")
+    if cfg.rm_policy_pairs:
+        result["on_policy"] = _rm_on_policy(cfg, out)
+    return result
+
+
+def _rm_on_policy(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    """The helpfulness RM's accuracy on pairs of the SFT model's own samples (written to `sft_sample_pairs.jsonl`)."""
+    from llama2.data.toyworld import ToyWorld
+    from llama2.evaluation.policy_pairs import sample_pairs
+    from llama2.evaluation.rewards import evaluate_test_set
+    from llama2.generation.llama import Llama
+    from llama2.stages.reward_models import load_reward_model
+
+    world = ToyWorld(cfg.data.seed)
+    llm = Llama.load(model_dir(out.parent / "sft"))
+    print(f"reward: ranking pairs of the SFT model's samples on {cfg.rm_policy_pairs} held-out prompts",
+          file=sys.stderr)
+    pairs = sample_pairs(llm.model, llm.tokenizer, world, cfg.rm_policy_pairs, seed=cfg.data.seed)
+    (out / "sft_sample_pairs.jsonl").write_text("".join(dumps(p.to_dict()) + "\n" for p in pairs))
+    rm = load_reward_model(out, llm.model.output.weight.device)
+    return evaluate_test_set(rm, "sft_sample_pairs.jsonl", pairs, cfg.reward_helpfulness.eval.batch_size, world,
+                             None)
 
 
 def run_reward_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:

@@ -101,6 +101,11 @@ def reward_model_section(results: dict[str, Any]) -> dict[str, Any]:
                      "oracle_correlation": own.get("oracle_correlation"), "pairs": own["pairs"]}
         if "unsafe_recall" in own:
             out[kind]["unsafe_recall"] = own["unsafe_recall"]["recall"]
+        on_policy = results[f"reward_{kind}"].get("on_policy")
+        if on_policy:
+            out[kind]["on_policy_samples"] = {"accuracy_by_rating": on_policy["accuracy_by_rating"],
+                                              "label_ceiling": on_policy.get("label_ceiling"),
+                                              "pairs": on_policy["pairs"]}
     return out
 
 
@@ -251,6 +256,13 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
             cells = ["–" if by.get(r) is None else f"{by[r]:.3f}" for r in (*RATINGS, "overall")]
             ceiling = "–" if rm["label_ceiling"] is None else f"{rm['label_ceiling']:.3f}"
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ceiling} |")
+        for kind, rm in report["reward_models"].items():
+            if "on_policy_samples" in rm:
+                p = rm["on_policy_samples"]
+                lines += ["", f"The {kind} RM on {p['pairs']} pairs of the SFT model's own samples (held-out prompts, "
+                              "temperatures 0.7 and 1.2, ranked by the oracle annotator; the pairs best-of-N, "
+                              f"rejection sampling and PPO ask it to rank): accuracy "
+                              f"{p['accuracy_by_rating']['overall']:.3f}, label ceiling {p['label_ceiling']:.3f}."]
     if "margin_ablation" in report:
         lines += ["", "## Helpfulness RM by margin (Table 28 analogue)", "",
                   "| margin | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | overall |",

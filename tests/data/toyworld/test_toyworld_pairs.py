@@ -80,3 +80,21 @@ def test_test_split_uses_held_out_prompts(tw):
         assert task is not None and held_out(task.key, 25 if task.kind == "borderline" else 10)
     with pytest.raises(ValueError, match="split"):
         tw.preference_pairs("helpfulness", 1, "dev")
+
+
+def test_annotating_two_given_responses_ranks_them_like_the_templated_pairs(tw):
+    import random
+
+    from llama2.data.toyworld.pairs import annotate_helpfulness
+
+    dialog = [{"role": "user", "content": "What is 17 minus 11?"}]
+    right, wrong = "17 - 11 = 6.", "17 - 11 = 7."
+    assert tw.helpfulness(dialog, right) - tw.helpfulness(dialog, wrong) >= 0.5
+    records = [annotate_helpfulness(tw, dialog, wrong, right, random.Random(i)) for i in range(200)]
+    assert all(r.chosen == right and r.rating == "significantly_better" for r in records)  # flips < 0.1% here
+    assert annotate_helpfulness(tw, dialog, right, right + " ", random.Random(0)) is None  # nothing to compare
+    assert annotate_helpfulness(tw, dialog, right, "", random.Random(0)) is None
+    # two equally good answers: a coin toss, rated "negligibly better"
+    close = [annotate_helpfulness(tw, dialog, right, "The answer is 6.", random.Random(i)) for i in range(400)]
+    assert {r.rating for r in close} == {"negligibly_better"}
+    assert 0.4 < sum(r.chosen == right for r in close) / 400 < 0.6

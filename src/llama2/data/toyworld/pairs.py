@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from llama2.data.formats import Message, PreferenceRecord, SafetyLabel
 from llama2.data.toyworld import answers, lexicon
@@ -39,6 +39,7 @@ HELPFUL_LEVEL_MIX = (0.15, 0.25, 0.27, 0.33)
 SAFETY_BIN_MIX = {"safe_unsafe": 0.18, "both_safe": 0.47, "both_unsafe": 0.35}
 SAFETY_LEVEL_MIX = {"safe_unsafe": (0.6, 0.4, 0.0, 0.0), "both_safe": (0.05, 0.25, 0.35, 0.35),
                     "both_unsafe": (0.0, 0.0, 0.4, 0.6)}
+T = TypeVar("T")
 NEEDLESS_REFUSALS = ("I'm sorry, but I can't help with that.",
                      "I can't answer that because it might be unsafe. Instead, ask me something else.",
                      "I won't answer questions like this.")
@@ -97,7 +98,9 @@ def candidates(tw: ToyWorld, dialog: list[Message], rng: random.Random) -> list[
     return out
 
 
-def _prompt(tw: ToyWorld, kind: str, rng: random.Random, split: str) -> list[Message]:
+def pair_prompt(tw: ToyWorld, kind: str, rng: random.Random, split: str) -> list[Message]:
+    """A prompt dialog of a preference pair: a helpful task (sometimes borderline) for the helpfulness set,
+    adversarial or borderline for the safety set, after up to three earlier turns."""
     context = [(u, a) for u, a, _ in helpful_turns(tw, rng, rng.choice((0, 0, 0, 1, 2)), split)] \
         if rng.random() < 0.4 else []
     r = rng.random()
@@ -109,6 +112,27 @@ def _prompt(tw: ToyWorld, kind: str, rng: random.Random, split: str) -> list[Mes
     else:
         text, _ = sample_adversarial(tw, rng, split)
     return to_messages(context) + [{"role": "user", "content": text}]
+
+
+def annotator_order(x: tuple[float, T], y: tuple[float, T], rng: random.Random) -> tuple[tuple[float, T], ...]:
+    """(chosen, rejected) of two (oracle score, response) as the simulated annotator ranks them: the better
+    one first (a coin toss on a tie), then flipped with `flip_probability` of the gap."""
+    if y[0] > x[0] or (x[0] == y[0] and rng.random() < 0.5):
+        x, y = y, x
+    if rng.random() < flip_probability(x[0] - y[0]):
+        x, y = y, x
+    return x, y
+
+
+def annotate_helpfulness(tw: ToyWorld, dialog: list[Message], a: str, b: str, rng: random.Random
+                         ) -> PreferenceRecord | None:
+    """A helpfulness pair of two given responses (e.g. a model's own samples), labelled like the templated
+    pairs: oracle scores, the annotator's order and noise, the rating level of the gap. None when the two
+    responses are the same or one is empty (nothing to compare)."""
+    if a.strip() == b.strip() or not a.strip() or not b.strip():
+        return None
+    (sa, chosen), (sb, rejected) = annotator_order((tw.helpfulness(dialog, a), a), (tw.helpfulness(dialog, b), b), rng)
+    return PreferenceRecord(dialog, chosen, rejected, rating_level(sa - sb), None)
 
 
 def _bin(safe_a: bool, safe_b: bool) -> str:
@@ -127,7 +151,7 @@ def preference_pair(tw: ToyWorld, kind: str, rng: random.Random, split: str) -> 
         target = rng.choices(LEVELS, SAFETY_LEVEL_MIX[target_bin])[0]
     score = tw.judges.helpfulness if kind == "helpfulness" else tw.judges.safety
     for _ in range(50):
-        dialog = _prompt(tw, kind, rng, split)
+        dialog = pair_prompt(tw, kind, rng, split)
         cands = list({c.text: c for c in candidates(tw, dialog, rng)}.values())
         scored = [(score(dialog, c.text), c) for c in cands]
         options = []
@@ -141,11 +165,7 @@ def preference_pair(tw: ToyWorld, kind: str, rng: random.Random, split: str) -> 
                 options.append(((sa, a), (sb, b)))
         if not options:
             continue
-        (sa, a), (sb, b) = rng.choice(options)
-        if sb > sa or (sa == sb and rng.random() < 0.5):
-            (sa, a), (sb, b) = (sb, b), (sa, a)
-        if rng.random() < flip_probability(sa - sb):
-            (sa, a), (sb, b) = (sb, b), (sa, a)
+        (sa, a), (sb, b) = annotator_order(*rng.choice(options), rng)
         safety = None
         if kind == "safety":
             safety = SafetyLabel(chosen_safe=sa >= SAFE_THRESHOLD, rejected_safe=sb >= SAFE_THRESHOLD)
