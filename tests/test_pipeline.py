@@ -86,14 +86,17 @@ def test_an_optional_stage_recorded_while_off_runs_once_turned_on(tmp_path, monk
 
     def ablation(cfg, out):
         ran.append(cfg.margin_ablation)
-        return {"enabled": cfg.margin_ablation}
+        return {}
 
     monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage("reward_margins", ablation, lambda c: c.margin_ablation)])
     monkeypatch.setattr("llama2.evaluation.report.write_report", lambda out, results: {"results": results})
     off, on = ["margin_ablation=false"], ["margin_ablation=true"]
+    recorded = []
     for sets in (off, on, on, off):
         pipeline.run_pipeline(pipeline.load_pipeline_config(str(SMOKE), str(tmp_path / "run"), sets))
-    assert ran == [False, True]  # off, then turned on; done (and on) after that, so never run again
+        recorded.append(json.loads((tmp_path / "run" / "reward_margins" / "stage.json").read_text())["enabled"])
+    assert recorded == [False, True, True, True]  # off, then turned on; done (and on) after that
+    assert ran == [True]  # an off stage is not called; once done while on, it never runs again
 
 
 def _recording(stage, ran):

@@ -131,8 +131,9 @@ class Stage:
     run: Callable[[PipelineConfig, Path], dict[str, Any]]
     """Runs the stage in `<out>/<name>` and returns what later stages and the report need."""
     enabled: Callable[[PipelineConfig], bool] | None = None
-    """For an optional stage, whether the config turns it on. A stage recorded as done while off runs when a
-    later command turns it on (e.g. `--set margin_ablation=true` on a finished demo folder)."""
+    """For an optional stage, whether the config turns it on. Off, the stage is recorded as done with
+    `{"enabled": false}` without running; such a record runs when a later command turns the stage on (e.g.
+    `--set margin_ablation=true` on a finished demo folder)."""
 
 
 # --- the stages -----------------------------------------------------------------------------------------------
@@ -245,15 +246,13 @@ def run_reward_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 def run_margin_ablation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     """The helpfulness RM with each other margin mode, beside the pipeline's own (`reward_helpfulness`)."""
-    if not cfg.margin_ablation:
-        return {"enabled": False}
     own = cfg.reward_helpfulness.margin
     runs = {own: json.loads((out.parent / "reward_helpfulness" / "rm_eval.json").read_text())}
     for mode in ("none", "small", "large"):
         if mode != own:
             base = replace(cfg.reward_helpfulness, kind="helpfulness", margin=mode)
             runs[mode] = _run_reward(base, out / mode, out.parent, "helpfulness", "safety")["rm_eval"]
-    return {"enabled": True, "rm_eval_by_margin": runs}
+    return {"rm_eval_by_margin": runs}
 
 
 def run_rejection_sampling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
@@ -306,8 +305,6 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 
 def run_safety_scaling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
-    if not cfg.safety_scaling:
-        return {"enabled": False}
     root = out.parent
     stage = replace(cfg.scaling, out_dir=str(out), init_from=str(root / "pretrain"),
                     data=replace(cfg.scaling.data, world_seed=cfg.data.seed),
@@ -315,7 +312,7 @@ def run_safety_scaling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
                                  helpfulness_rm=str(root / "reward_helpfulness"),
                                  safety_rm=str(root / "reward_safety")))
     _stopped_early(scaling_experiment.run(stage).interrupted, out)
-    return {"enabled": True, "rows": json.loads((out / "scaling.json").read_text())["rows"]}
+    return {"rows": json.loads((out / "scaling.json").read_text())["rows"]}
 
 
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
@@ -383,16 +380,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     for stage in STAGES:
         stage_dir = out / stage.name
         done = stage_dir / "stage.json"
-        turned_on = stage.enabled is not None and stage.enabled(cfg)
-        if done.is_file() and not (turned_on and json.loads(done.read_text()).get("enabled") is False):
+        on = stage.enabled is None or stage.enabled(cfg)
+        if done.is_file() and not (on and json.loads(done.read_text()).get("enabled") is False):
             results[stage.name] = json.loads(done.read_text())
             print(f"pipeline: {stage.name} already done ({results[stage.name]['seconds']:.0f}s), skipped",
                   file=sys.stderr)
             continue
-        print(f"pipeline: {stage.name} ...", file=sys.stderr)
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        result = stage.run(cfg, stage_dir)
+        if on:
+            print(f"pipeline: {stage.name} ...", file=sys.stderr)
+            result = stage.run(cfg, stage_dir) | ({} if stage.enabled is None else {"enabled": True})
+        else:
+            result = {"enabled": False}
         result["seconds"] = time.perf_counter() - start
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")

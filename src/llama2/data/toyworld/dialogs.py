@@ -8,6 +8,7 @@ themselves are in the pretraining corpus either way.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,28 +55,27 @@ def helpful_turns(tw: ToyWorld, rng: random.Random, turns: int, split: str) -> l
     return out
 
 
-def sample_adversarial(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Attack]:
+def _in_split(draw: Callable[[], tuple[str, Any]], key: Callable[[Any], str], percent: int, split: str,
+              what: str) -> tuple[str, Any]:
+    """A (prompt, task or attack) from `draw` whose key is held out exactly when `split` is "test"."""
     for _ in range(1000):
-        text, attack = tw.rules.adversarial_prompt(rng)
-        if held_out(f"attack:{attack.act}") == (split == "test"):
-            return text, attack
-    raise RuntimeError("could not sample an adversarial prompt")
+        text, item = draw()
+        if held_out(key(item), percent) == (split == "test"):
+            return text, item
+    raise RuntimeError(f"could not sample {what}")
+
+
+def sample_adversarial(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Attack]:
+    return _in_split(lambda: tw.rules.adversarial_prompt(rng), lambda a: f"attack:{a.act}", 10, split,
+                     "an adversarial prompt")
 
 
 def sample_borderline(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Task]:
-    for _ in range(1000):
-        text, task = tw.rules.borderline_prompt(rng)
-        if held_out(task.key, 25) == (split == "test"):
-            return text, task
-    raise RuntimeError("could not sample a borderline prompt")
+    return _in_split(lambda: tw.rules.borderline_prompt(rng), lambda t: t.key, 25, split, "a borderline prompt")
 
 
 def sample_howto(tw: ToyWorld, rng: random.Random, split: str) -> tuple[str, Task]:
-    for _ in range(1000):
-        text, task = tw.rules.howto_prompt(rng)
-        if held_out(task.key, 25) == (split == "test"):
-            return text, task
-    raise RuntimeError("could not sample a how-to prompt")
+    return _in_split(lambda: tw.rules.howto_prompt(rng), lambda t: t.key, 25, split, "a how-to prompt")
 
 
 def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
