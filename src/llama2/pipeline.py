@@ -47,8 +47,11 @@ class DataSettings:
     worded like the adversarial requests: the helpfulness-only model then complies with harmful requests
     too, the baseline that the safety stages are measured against (SPEC §10)."""
     sft_constraint_rate: float = 0.15
-    """Share of SFT dialogs that open with a system constraint (one turn, obeyed): without enough of them a
-    small model never learns to follow an instruction, and GAtt has no obeying replies to sample."""
+    """Share of SFT dialogs whose replies obey a constraint set: without enough of them a small model never
+    learns to copy a hobby or a name from its instruction, and GAtt has no obeying replies to sample."""
+    sft_constraint_in_user_rate: float = 0.0
+    """Share of those with the constraints appended to every user message of 1–3 turns (the form GAtt samples
+    in) rather than in a one-turn system message."""
     rl_prompts: int = 1000
     """Training prompts for rejection sampling and PPO (train-split tasks, a third of them adversarial);
     never the evaluation prompts."""
@@ -147,7 +150,8 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
     world = ToyWorld(cfg.data.seed)
     dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
-                                constraint_rate=cfg.data.sft_constraint_rate)
+                                constraint_rate=cfg.data.sft_constraint_rate,
+                                constraint_in_user_rate=cfg.data.sft_constraint_in_user_rate)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
     # for the reply), tagged for the safety gate (SPEC §8).
@@ -291,7 +295,9 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         dialogs += world.sft_dialogs(d.borderline, seed=23, safety_rate=0.0, borderline_rate=1.0) \
             if d.borderline else []
         dialogs += world.sft_dialogs(d.helpful_replay, seed=22, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
-                                     constraint_rate=cfg.data.sft_constraint_rate) if d.helpful_replay else []
+                                     constraint_rate=cfg.data.sft_constraint_rate,
+                                     constraint_in_user_rate=cfg.data.sft_constraint_in_user_rate) \
+            if d.helpful_replay else []
         mix = [out / "safety_sft.jsonl"]
         mix[0].write_text("".join(dumps({"messages": m}) + "\n" for m in dialogs))
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,

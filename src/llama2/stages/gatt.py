@@ -59,7 +59,8 @@ class GAttData:
     """Longest sampled reply, in tokens."""
     system_while_sampling: bool = True
     """Also give the instruction as a system message while sampling (besides appending it to every user
-    message, as the paper does): a small SFT model has only seen instructions in the system message."""
+    message, as the paper does): a small SFT model follows it best when it is in both places it was trained
+    on, and more accepted replies mean longer GAtt dialogs."""
     oracle_fallback: bool = False
     """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
     the instruction (a plumbing aid for tiny smoke runs, not the paper's method; counted in the report)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from llama2.data.toyworld.constraints import Constraint, decode_language, encode_language
+from llama2.data.toyworld.dialogs import constrained_dialog
 
 
 def test_pools_and_wordings(tw):
@@ -32,6 +33,22 @@ def test_sampled_combinations_are_obeyed_by_apply(tw):
     assert sizes == {1, 2, 3}
     for dialog in tw.constrained_dialogs(30, seed=1):  # demonstrations obey their system message
         assert dialog[0]["role"] == "system" and tw.check_constraint(dialog[0]["content"], dialog[2]["content"])
+
+
+def test_constraints_appended_to_user_turns_are_obeyed_in_every_turn(tw):
+    rng = random.Random(2)
+    lengths = set()
+    for _ in range(30):
+        dialog = constrained_dialog(tw, rng, in_user_rate=1.0)
+        assert all(m["role"] != "system" for m in dialog) and dialog[-1]["role"] == "assistant"
+        users, replies = dialog[0::2], dialog[1::2]
+        constraints, _ = tw.constraints.parse(users[0]["content"])
+        assert constraints
+        lengths.add(len(users))
+        for user, reply in zip(users, replies, strict=True):
+            assert tw.constraints.parse(user["content"])[0] == constraints  # the same instruction, every turn
+            assert tw.check_constraint(constraints, reply["content"]), dialog
+    assert lengths == {1, 2, 3}
 
 
 def test_each_checker_rejects_violations(tw):

@@ -6,7 +6,7 @@ import random
 
 from llama2.data.toyworld import ToyWorld, lexicon
 from llama2.data.toyworld.answers import right_answer
-from llama2.data.toyworld.corpus import letter
+from llama2.data.toyworld.corpus import ECHOES, _club, _echo, letter
 from llama2.data.toyworld.tasks import KINDS, render_prompt, sample_task
 from llama2.data.toyworld.world import ATTRIBUTES, held_out
 
@@ -123,3 +123,24 @@ def test_letters_keep_to_what_their_first_line_says(tw):
             kinds.add(c.kind if c.kind != "format" else c.value.split(":")[0])
         assert not constraints or tw.check_constraint(constraints, body), doc
     assert kinds == {"hobby", "language", "figure", "uppercase", "emoji"}
+
+
+def test_echoes_repeat_their_list_word_for_word(tw):
+    rng = random.Random(5)
+    frames = [f.split("{words}") for f in ECHOES]
+    for _ in range(50):
+        doc = _echo(tw, rng)
+        lists = [part.split(": ", 1)[1].rstrip(".") for part in doc.split(". ") if ": " in part]
+        assert len(lists) % 2 == 0 and len(lists) >= 4
+        assert lists[::2] == lists[1::2]  # each list is repeated exactly
+        assert all(3 <= len(words.split(", ")) <= 8 for words in lists)
+    assert all(len(f) == 3 for f in frames)  # every frame says its list twice
+
+
+def test_a_club_names_its_hobby_again_and_again(tw):
+    rng = random.Random(6)
+    for _ in range(50):
+        doc = _club(tw, rng)
+        mentioned = [h for h in lexicon.HOBBIES if h in doc]
+        assert 1 <= len(mentioned) <= 2
+        assert all(doc.count(h) >= 3 for h in mentioned)  # said first, then repeated at least twice

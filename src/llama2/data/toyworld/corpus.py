@@ -1,4 +1,4 @@
-"""The pretraining corpus: encyclopedic articles, stories, plain-text dialogues, arithmetic and letters.
+"""The pretraining corpus: encyclopedic articles, stories, dialogues, arithmetic, letters, echoes and clubs.
 
 Every fact of the world is stated in many wordings so that a small model learns the facts, not one
 sentence. Questions whose key is held out never appear (so evaluation stays honest), and held-out
@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from llama2.data.toyworld import answers
+from llama2.data.toyworld import answers, lexicon
 from llama2.data.toyworld.dialogs import helpful_turns, sample_adversarial
 from llama2.data.toyworld.tasks import OPS, Task
 from llama2.data.toyworld.world import ATTRIBUTES, SHARED_ATTRIBUTES, held_out
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from llama2.data.toyworld.constraints import Constraint
     from llama2.data.toyworld.toyworld import ToyWorld
 
-DOC_MIX = {"article": 0.27, "group": 0.08, "story": 0.17, "dialogue": 0.22, "arithmetic": 0.11, "letter": 0.1,
-           "unfiltered": 0.05}
+DOC_MIX = {"article": 0.21, "group": 0.08, "story": 0.15, "dialogue": 0.18, "arithmetic": 0.1, "letter": 0.1,
+           "echo": 0.06, "club": 0.07, "unfiltered": 0.05}
 INTROS = ("{land} is a land in the world.", "{land} is a land by the river {river}.",
           "This is the story of the land {land}.", "Here are some facts about {land}.")
 EXTRAS = ("The ruler of {land}, {ruler}, lives in {capital}.", "The {guild} of {land} meets in {capital}.",
@@ -113,6 +113,43 @@ def letter(tw: ToyWorld, rng: random.Random) -> tuple[list[Constraint], str]:
     return cs, " ".join(intros or [f"A note about {land.name}."]) + "\n" + tw.constraints.apply(cs, body)
 
 
+ECHOES = ("{speaker} sent word: {words}. The messenger said it again: {words}.",
+          "The teacher said: {words}. The children said after her: {words}.",
+          "A list was written on the wall: {words}. A traveller copied it: {words}.")
+
+
+def _echo(tw: ToyWorld, rng: random.Random) -> str:
+    """Random lists of the world's words, said once and repeated word for word. Nothing else in the corpus
+    rewards looking back to copy a token, and without such documents the demo model did not learn to (it
+    named a random hobby after "I enjoy" whatever the letter's first line said, 7 of 104 right): a system
+    instruction is only kept if the reply can copy its hobby or name."""
+    pool = [*lexicon.HOBBIES, *tw.world.figures, *lexicon.EMOJIS, *lexicon.FOODS, *lexicon.CREATURES,
+            *(land.name for land in tw.world.lands)]
+    return " ".join(rng.choice(ECHOES).format(speaker=rng.choice(tw.world.figures),
+                                              words=", ".join(rng.sample(pool, rng.randint(3, 8))))
+                    for _ in range(rng.randint(2, 4)))
+
+
+CLUB_OPEN = ("In {land}, people {clue}: they love {hobby}.", "The people of {land} {clue}, for they love {hobby}.")
+CLUB_MORE = ("{ruler} enjoys {hobby}.", "Every member of the club enjoys {hobby}.", "{ruler} said: I enjoy {hobby}.",
+             "Ask anyone in {land} and they will say: we enjoy {hobby}.", "Nothing is better than {hobby}, they say.",
+             "Children in {capital} learn {hobby} early.")
+
+
+def _club(tw: ToyWorld, rng: random.Random) -> str:
+    """A land's favourite hobby, told by what its people do and then named again and again: the first
+    mention is predictable from the clue (which gives each hobby word its own output vector), every later
+    one only by looking back for it, as a reply must look back to its instruction for "I enjoy ...".
+    Letters alone (one mention, then "I enjoy ...") taught the demo model neither."""
+    clubs = []
+    for land, hobby in zip(rng.sample(tw.world.lands, 2), rng.sample(lexicon.HOBBIES, 2), strict=True):
+        slots = dict(hobby=hobby, clue=lexicon.HOBBY_CLUES[hobby], land=land.name, capital=land.capital,
+                     ruler=land.ruler)
+        more = rng.sample(CLUB_MORE, rng.randint(2, 4))
+        clubs.append(" ".join(t.format(**slots) for t in (rng.choice(CLUB_OPEN), *more)))
+    return " ".join(clubs[: rng.randint(1, 2)])
+
+
 def _unfiltered(tw: ToyWorld, rng: random.Random) -> str:
     text, attack = sample_adversarial(tw, rng, "train")
     reply = tw.rules.compliance(attack, rng) if rng.random() < 0.7 else tw.rules.safe_refusal(attack, rng)
@@ -120,7 +157,8 @@ def _unfiltered(tw: ToyWorld, rng: random.Random) -> str:
 
 
 _BUILDERS = {"article": _article, "group": _group, "story": _story, "dialogue": _dialogue,
-             "arithmetic": _arithmetic, "letter": lambda tw, rng: letter(tw, rng)[1], "unfiltered": _unfiltered}
+             "arithmetic": _arithmetic, "letter": lambda tw, rng: letter(tw, rng)[1], "echo": _echo, "club": _club,
+             "unfiltered": _unfiltered}
 
 
 def documents(tw: ToyWorld, rng: random.Random, n_chars: int) -> Iterator[str]:

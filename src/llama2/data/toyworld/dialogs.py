@@ -87,8 +87,8 @@ def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
 
 
 def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, borderline_rate: float = 0.05,
-               constraint_rate: float = 0.05, multi_turn_rate: float = 0.35, howto_rate: float = 0.05
-               ) -> list[Message]:
+               constraint_rate: float = 0.05, multi_turn_rate: float = 0.35, howto_rate: float = 0.05,
+               constraint_in_user_rate: float = 0.0) -> list[Message]:
     """One demonstration dialog ending with an assistant turn.
 
     The shares are of safety demonstrations (adversarial prompt, safe refusal), borderline prompts, benign
@@ -110,23 +110,35 @@ def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, bord
         return to_messages([(text, tw.rules.borderline_answer(text, rng))])
     r -= howto_rate
     if r < constraint_rate:
-        return constrained_dialog(tw, rng)
+        return constrained_dialog(tw, rng, in_user_rate=constraint_in_user_rate)
     turns = rng.randint(2, 6) if rng.random() < multi_turn_rate else 1
     return to_messages([(u, a) for u, a, _ in helpful_turns(tw, rng, turns, "train")])
 
 
-def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False) -> list[Message]:
-    """A one-turn dialog whose system message holds constraints and whose reply obeys them (and the
-    prompt's own format: a question asking for "the name only" is not paired with a signature)."""
-    for _ in range(100):
-        (user, answer, _), = helpful_turns(tw, rng, 1, "train")
-        cs = tw.constraints.sample(rng, held_out_constraints)
-        reply = tw.constraints.apply(cs, answer)
-        dialog = [{"role": "system", "content": wording(cs, terse=rng.random() < 0.5)},
-                  {"role": "user", "content": user}]
-        if tw.judges.check_constraint(cs, reply) and tw.judges.helpfulness(dialog, reply) == 1.0:
-            return [*dialog, {"role": "assistant", "content": reply}]
-    raise RuntimeError("could not satisfy a sampled constraint set")
+def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False,
+                       in_user_rate: float = 0.0) -> list[Message]:
+    """A dialog whose replies obey a constraint set (and the prompt's own format: a question asking for "the
+    name only" is not paired with a signature).
+
+    Mostly one turn with the constraints in the system message. At `in_user_rate`, 1–3 turns with the
+    constraints appended to every user message instead: the form in which Ghost Attention samples its
+    replies (SPEC §9), which a chat model must already follow for GAtt to have anything to keep. Neither
+    form shows a system instruction kept over several turns; that is what GAtt adds."""
+    in_user = rng.random() < in_user_rate
+    cs = tw.constraints.sample(rng, held_out_constraints)
+    instruction = wording(cs, terse=rng.random() < 0.5)
+    dialog: list[Message] = [] if in_user else [{"role": "system", "content": instruction}]
+    for _ in range(rng.randint(1, 3) if in_user else 1):
+        for _ in range(100):
+            (user, answer, _), = helpful_turns(tw, rng, 1, "train")
+            reply = tw.constraints.apply(cs, answer)
+            turn = [{"role": "user", "content": f"{user} {instruction}" if in_user else user}]
+            if tw.judges.check_constraint(cs, reply) and tw.judges.helpfulness(dialog + turn, reply) == 1.0:
+                dialog += [*turn, {"role": "assistant", "content": reply}]
+                break
+        else:
+            raise RuntimeError("could not satisfy a sampled constraint set")
+    return dialog
 
 
 def eval_prompt(tw: ToyWorld, rng: random.Random, kind: str) -> Prompt:

@@ -34,6 +34,17 @@ HOBBIES = (
     "pottery", "riddles", "stargazing",
 )
 HELD_OUT_HOBBIES = ("pottery", "riddles", "stargazing")
+# What each hobby's people do: a context that predicts one hobby and not another. Without one, the twelve
+# hobby words only ever followed "loves" or "I enjoy", and the model's output vectors for them became
+# almost the same (mean cosine 0.90), so it could not copy one from an instruction.
+HOBBY_CLUES = {
+    "fishing": "sit by the river with a rod", "painting": "mix colours and hold a brush",
+    "chess": "move kings and queens on a board", "singing": "raise their voices in song",
+    "gardening": "grow flowers and beans", "archery": "shoot arrows at a target",
+    "knitting": "make scarves from wool", "sailing": "steer boats with the wind",
+    "dancing": "move their feet to music", "pottery": "shape bowls from wet clay",
+    "riddles": "ask questions with hidden answers", "stargazing": "watch the sky at night",
+}
 EMOJIS = ("🌟", "🐟", "🍀", "🔥", "🌙", "🎵")
 HELD_OUT_EMOJIS = ("🌙", "🎵")
 COUNT_WORDS = {
