@@ -58,6 +58,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert all(isinstance(saved["ppo"][k], float) for k in ("mean_kl", "reward_start", "reward_end"))
     curves = saved["gatt"]["adherence_by_turn"]
     assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
+    assert set(saved["gatt"]["by_kind"]) == {"with_gatt", "without_gatt"} and saved["gatt"]["by_kind"]["with_gatt"]
     assert set(saved["timings"]) == set(names)
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()

@@ -50,6 +50,10 @@ def test_adherence_curve_follows_the_replies(world, tiny_tokenizer_path):
     assert curve[0] == curve[1] > 0.5  # obeyed where `apply` satisfies the checker
     assert curve[2] == curve[3] == 0.0  # forgotten after turn 2
     assert result["dialogs_per_turn"] == [8, 8, 8, 8]
+    by_kind = result["by_kind"]
+    assert by_kind and all(0.0 <= v["all_turns"] <= v["turn_1"] for v in by_kind.values())
+    assert sum(v["constraints"] for v in by_kind.values()) >= 8  # every dialog holds at least one constraint
+    assert set(by_kind) <= {"hobby", "language", "figure", "uppercase", "emoji", "max_words", "one_sentence"}
 
 
 @pytest.mark.slow

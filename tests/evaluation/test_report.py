@@ -32,3 +32,19 @@ def test_ppo_kl_is_checked_against_the_preset_target_only_when_one_is_set():
     assert claim not in _verdicts({}, {"kl_end": 0.3, "mean_kl": 0.2, "kl_target": None})
     assert _verdicts({}, {"kl_end": 0.3, "mean_kl": 0.2, "kl_target": 1.0})[claim]
     assert not _verdicts({}, {"kl_end": 1.3, "mean_kl": 0.9, "kl_target": 1.0})[claim]
+
+
+def test_gatt_checks_read_the_adherence_curves():
+    fades = "Without GAtt, the system instruction fades over the turns (paper Fig. 9, left)"
+    keeps = "GAtt keeps the system instruction at the last turn (paper: 100% at turn 20)"
+    general = "GAtt generalises to constraints held out of its training"
+
+    def verdicts(seen_without, seen_with, held_without, held_with):
+        adherence = {"seen": {"without_gatt": seen_without, "with_gatt": seen_with},
+                     "held_out": {"without_gatt": held_without, "with_gatt": held_with}}
+        return {claim: ok for claim, ok, _ in _checks({}, adherence, {}, {}, {})}
+
+    got = verdicts([0.5, 0.1, 0.0, None], [0.95, 0.9, 0.92, None], [0.4, 0.0, 0.0], [0.4, 0.3, 0.2])
+    assert got[fades] and got[keeps] and got[general]  # the last turn any dialog reached is the one read
+    got = verdicts([0.5, 0.5, 0.6], [0.5, 0.4, 0.45], [0.4, 0.3, 0.2], [0.4, 0.2, 0.1])
+    assert not (got[fades] or got[keeps] or got[general])

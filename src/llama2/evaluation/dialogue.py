@@ -4,7 +4,9 @@ Held-out dialogs open with a system message of 1–3 constraints (hobby, languag
 terse or verbose), then toy-world user messages continue the conversation for `turns` turns. The model's
 own replies stay in the history; each reply is checked against every constraint by the toy world's rule
 checker. Adherence at turn t is the share of dialogs whose reply at turn t obeys all constraints, among the
-dialogs that still fit the model's context at that turn. The same is measured on constraints held out of
+dialogs that still fit the model's context at that turn. `by_kind` also checks each constraint alone, at turn 1
+and over all turns: a model that cannot copy a hobby from its instruction fails every set holding one, and the
+curve alone would not say so. The same is measured on constraints held out of
 GAtt training (the paper's zero-shot "Always answer with Haiku" test).
 
 `llama2 eval --task gatt_adherence --model DIR [--option baseline=DIR] [--option turns=20]`
@@ -58,6 +60,7 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
     dialogs = [[{"role": "system", "content": system}] for _, system, _ in openings]
     alive = list(range(len(dialogs)))
     obeyed = [[] for _ in range(settings.turns)]  # per turn: one bool per dialog that reached it
+    by_kind: dict[str, list[list[bool]]] = {}  # kind -> [turn-1 verdicts, all verdicts], each constraint alone
     limit = llm.args.max_seq_len
     for turn in tqdm(range(settings.turns), desc=f"gatt adherence ({'held-out' if held_out else 'seen'})",
                      disable=not progress):
@@ -71,10 +74,28 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
                                       max_gen_len=settings.max_gen_len, seed=settings.seed + turn)
         for i, reply in zip(alive, replies, strict=True):
             text = reply["generation"]["content"]
-            obeyed[turn].append(world.check_constraint(openings[i][0], text))
+            verdicts = world.constraints.check(openings[i][0], text)
+            obeyed[turn].append(all(verdicts.values()))
+            for c, ok in verdicts.items():
+                first, every = by_kind.setdefault(constraint_kind(c), [[], []])
+                every.append(ok)
+                if turn == 0:
+                    first.append(ok)
             dialogs[i].append({"role": "assistant", "content": text})
     curve = [sum(x) / len(x) if x else None for x in obeyed]
-    return {"adherence": curve, "dialogs_per_turn": [len(x) for x in obeyed], "example": dialogs[0]}
+    kinds = {kind: {"turn_1": _share(first), "all_turns": _share(every), "constraints": len(first)}
+             for kind, (first, every) in sorted(by_kind.items())}
+    return {"adherence": curve, "dialogs_per_turn": [len(x) for x in obeyed], "by_kind": kinds,
+            "example": dialogs[0]}
+
+
+def constraint_kind(c: Constraint) -> str:
+    """"hobby", "language", "figure", or the format's name ("uppercase", "emoji", "max_words", ...)."""
+    return c.kind if c.kind != "format" else c.value.split(":")[0]
+
+
+def _share(verdicts: list[bool]) -> float | None:
+    return sum(verdicts) / len(verdicts) if verdicts else None
 
 
 def plot_curves(curves: dict[str, list[float | None]], path: Path, title: str) -> None:

@@ -175,6 +175,9 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
         last_with = next((v for v in reversed(seen["with_gatt"]) if v is not None), None)
         last_without = next((v for v in reversed(seen["without_gatt"]) if v is not None), None)
         if last_with is not None and last_without is not None:
+            first_without = next(v for v in seen["without_gatt"] if v is not None)
+            checks.append(("Without GAtt, the system instruction fades over the turns (paper Fig. 9, left)",
+                           last_without < first_without, f"turn 1 {first_without:.2f}, last turn {last_without:.2f}"))
             checks.append(("GAtt keeps the system instruction at the last turn (paper: 100% at turn 20)",
                            last_with >= 0.9, f"without {last_without:.2f}, with {last_with:.2f}"))
     held = adherence.get("held_out")
@@ -220,8 +223,11 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         report["rejection_sampling"] = {k: v for k, v in best_of_n.items()
                                         if k.endswith("_by_n") or k == "by_temperature"}
     if adherence:
+        raw = results.get("evaluation", {}).get("adherence", {})
         report["gatt"] = {"adherence_by_turn": adherence["seen"],
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
+                          "by_kind": {label: raw[model]["seen"].get("by_kind", {})
+                                      for label, model in (("without_gatt", "rlhf"), ("with_gatt", "gatt"))},
                           "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
     stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
                    "safety_scaling/scaling_scores.png", "safety_scaling/false_refusal.png",
@@ -310,6 +316,14 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                   "|---|" + "---|" * len(seen["with_gatt"])]
         for label, curve in seen.items():
             lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in curve) + " |")
+        kinds = sorted({k for by in report["gatt"]["by_kind"].values() for k in by})
+        if kinds:
+            lines += ["", "Each constraint checked alone (seen constraints), share obeyed at turn 1 / over all turns:",
+                      "", "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+            for label, by in report["gatt"]["by_kind"].items():
+                cells = [f"{by[k]['turn_1']:.2f} / {by[k]['all_turns']:.2f}" if k in by and by[k]["turn_1"] is not None
+                         else "–" for k in kinds]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
         rate = report["gatt"].get("acceptance_rate")
         if rate is not None:
             lines.append(f"\nGAtt training data: the checker accepted {rate:.0%} of the sampled replies.")
