@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama2.data.formats import Message
 from llama2.data.toyworld.answers import right_answer
-from llama2.data.toyworld.constraints import wording
+from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.data.toyworld.safety import Attack
 from llama2.data.toyworld.tasks import Task, followup_task, render_prompt, sample_task
 from llama2.data.toyworld.world import held_out
@@ -124,21 +124,30 @@ def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: b
     constraints appended to every user message instead: the form in which Ghost Attention samples its
     replies (SPEC §9), which a chat model must already follow for GAtt to have anything to keep. Neither
     form shows a system instruction kept over several turns; that is what GAtt adds."""
-    in_user = rng.random() < in_user_rate
-    cs = tw.constraints.sample(rng, held_out_constraints)
-    instruction = wording(cs, terse=rng.random() < 0.5)
-    dialog: list[Message] = [] if in_user else [{"role": "system", "content": instruction}]
-    for _ in range(rng.randint(1, 3) if in_user else 1):
-        for _ in range(100):
-            (user, answer, _), = helpful_turns(tw, rng, 1, "train")
-            reply = tw.constraints.apply(cs, answer)
-            turn = [{"role": "user", "content": f"{user} {instruction}" if in_user else user}]
-            if tw.judges.check_constraint(cs, reply) and tw.judges.helpfulness(dialog + turn, reply) == 1.0:
-                dialog += [*turn, {"role": "assistant", "content": reply}]
+    for _ in range(20):  # a constraint set that no answer can obey (a word limit below its signature) is redrawn
+        in_user = rng.random() < in_user_rate
+        cs = tw.constraints.sample(rng, held_out_constraints)
+        instruction = wording(cs, terse=rng.random() < 0.5)
+        dialog: list[Message] = [] if in_user else [{"role": "system", "content": instruction}]
+        for _ in range(rng.randint(1, 3) if in_user else 1):
+            if not _obeying_turn(tw, rng, cs, dialog, instruction if in_user else None):
                 break
         else:
-            raise RuntimeError("could not satisfy a sampled constraint set")
-    return dialog
+            return dialog
+    raise RuntimeError("could not satisfy a sampled constraint set")
+
+
+def _obeying_turn(tw: ToyWorld, rng: random.Random, cs: list[Constraint], dialog: list[Message],
+                  appended: str | None) -> bool:
+    """Append a user turn (with `appended` after the question) and a reply obeying `cs`; False if none found."""
+    for _ in range(100):
+        (user, answer, _), = helpful_turns(tw, rng, 1, "train")
+        reply = tw.constraints.apply(cs, answer)
+        turn = [{"role": "user", "content": f"{user} {appended}" if appended else user}]
+        if tw.judges.check_constraint(cs, reply) and tw.judges.helpfulness(dialog + turn, reply) == 1.0:
+            dialog += [*turn, {"role": "assistant", "content": reply}]
+            return True
+    return False
 
 
 def eval_prompt(tw: ToyWorld, rng: random.Random, kind: str) -> Prompt:
