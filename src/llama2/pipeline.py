@@ -149,9 +149,7 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
     world = ToyWorld(cfg.data.seed)
-    dialogs = world.sft_dialogs(cfg.data.sft_dialogs, seed=0, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
-                                constraint_rate=cfg.data.sft_constraint_rate,
-                                constraint_in_user_rate=cfg.data.sft_constraint_in_user_rate)
+    dialogs = _helpful_dialogs(cfg, world, cfg.data.sft_dialogs, seed=0)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
     # for the reply), tagged for the safety gate (SPEC §8).
@@ -162,6 +160,15 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
                                                   for d, k in zip(rl, kinds, strict=True)))
     tokenizer = train_tokenizer([out / "pretrain.txt"], out / "tokenizer", cfg.data.tokenizer_vocab)
     return {"tokenizer": str(tokenizer), "files": sorted(manifest["files"]), "sft_dialogs": len(dialogs)}
+
+
+def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
+    """`n` helpfulness-only SFT dialogs with the data settings' shares of how-to and constraint dialogs: the SFT
+    set, and the helpful replay mixed into safety tuning."""
+    d = cfg.data
+    return world.sft_dialogs(n, seed=seed, safety_rate=0.0, howto_rate=d.sft_howto_rate,
+                             constraint_rate=d.sft_constraint_rate,
+                             constraint_in_user_rate=d.sft_constraint_in_user_rate)
 
 
 def _last_turns(dialog: list, turns: int) -> list:
@@ -294,10 +301,7 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         dialogs = world.sft_dialogs(d.demonstrations, seed=21, safety_rate=1.0) if d.demonstrations else []
         dialogs += world.sft_dialogs(d.borderline, seed=23, safety_rate=0.0, borderline_rate=1.0) \
             if d.borderline else []
-        dialogs += world.sft_dialogs(d.helpful_replay, seed=22, safety_rate=0.0, howto_rate=cfg.data.sft_howto_rate,
-                                     constraint_rate=cfg.data.sft_constraint_rate,
-                                     constraint_in_user_rate=cfg.data.sft_constraint_in_user_rate) \
-            if d.helpful_replay else []
+        dialogs += _helpful_dialogs(cfg, world, d.helpful_replay, seed=22) if d.helpful_replay else []
         mix = [out / "safety_sft.jsonl"]
         mix[0].write_text("".join(dumps({"messages": m}) + "\n" for m in dialogs))
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,

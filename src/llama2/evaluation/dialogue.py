@@ -77,7 +77,7 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
             verdicts = world.constraints.check(openings[i][0], text)
             obeyed[turn].append(all(verdicts.values()))
             for c, ok in verdicts.items():
-                first, every = by_kind.setdefault(constraint_kind(c), [[], []])
+                first, every = by_kind.setdefault(c.category, [[], []])
                 every.append(ok)
                 if turn == 0:
                     first.append(ok)
@@ -87,11 +87,6 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
              for kind, (first, every) in sorted(by_kind.items())}
     return {"adherence": curve, "dialogs_per_turn": [len(x) for x in obeyed], "by_kind": kinds,
             "example": dialogs[0]}
-
-
-def constraint_kind(c: Constraint) -> str:
-    """"hobby", "language", "figure", or the format's name ("uppercase", "emoji", "max_words", ...)."""
-    return c.kind if c.kind != "format" else c.value.split(":")[0]
 
 
 def _share(verdicts: list[bool]) -> float | None:

@@ -17,7 +17,7 @@ import torch
 
 from llama2.data.formats import PreferenceRecord
 from llama2.data.toyworld.pairs import annotate_helpfulness, pair_prompt
-from llama2.generation.generator import generate
+from llama2.generation.generator import generate_texts
 from llama2.model.transformer import Transformer
 from llama2.tokenizer.chat_format import encode_dialog
 from llama2.tokenizer.tokenizer import Tokenizer
@@ -41,10 +41,6 @@ def sample_pairs(model: Transformer, tokenizer: Tokenizer, world, prompts: int, 
     samples = []
     for i, temperature in enumerate(TEMPERATURES):
         generator = torch.Generator(device).manual_seed(seed * len(TEMPERATURES) + i)
-        tokens: list[list[int]] = []
-        for start in range(0, len(ids), batch_size):
-            tokens += generate(model, ids[start : start + batch_size], max_gen_len, [tokenizer.eos_id],
-                               temperature, 1.0, generator=generator).tokens
-        samples.append([tokenizer.decode(t).strip() for t in tokens])
+        samples.append(generate_texts(model, tokenizer, ids, max_gen_len, temperature, 1.0, batch_size, generator))
     records = (annotate_helpfulness(world, d, a, b, rng) for d, a, b in zip(dialogs, *samples, strict=True))
     return [r for r in records if r is not None]

@@ -65,14 +65,17 @@ def plot_stage_scores(out: Path, models: dict[str, dict]) -> str:
     return path.name
 
 
-def _adherence(results: dict[str, Any]) -> dict[str, dict[str, list]]:
+GATT_COMPARISON = {"without_gatt": "rlhf", "with_gatt": "gatt"}  # curve label -> the evaluated stage's model
+
+
+def _adherence(results: dict[str, Any], key: str = "adherence", pools: tuple[str, ...] = ("seen", "held_out")
+               ) -> dict[str, dict[str, Any]]:
+    """pool -> {"without_gatt": ..., "with_gatt": ...} of the evaluation's `key` (the curve, or `by_kind`)."""
     adherence = results.get("evaluation", {}).get("adherence", {})
-    out: dict[str, dict[str, list]] = {}
-    for pool in ("seen", "held_out"):
-        if "rlhf" in adherence and "gatt" in adherence:
-            out[pool] = {"without_gatt": adherence["rlhf"][pool]["adherence"],
-                         "with_gatt": adherence["gatt"][pool]["adherence"]}
-    return out
+    if not all(model in adherence for model in GATT_COMPARISON.values()):
+        return {}
+    return {pool: {label: adherence[model][pool].get(key, {}) for label, model in GATT_COMPARISON.items()}
+            for pool in pools}
 
 
 def plot_adherence(out: Path, curves: dict[str, dict[str, list]]) -> str | None:
@@ -223,11 +226,9 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         report["rejection_sampling"] = {k: v for k, v in best_of_n.items()
                                         if k.endswith("_by_n") or k == "by_temperature"}
     if adherence:
-        raw = results.get("evaluation", {}).get("adherence", {})
         report["gatt"] = {"adherence_by_turn": adherence["seen"],
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
-                          "by_kind": {label: raw[model]["seen"].get("by_kind", {})
-                                      for label, model in (("without_gatt", "rlhf"), ("with_gatt", "gatt"))},
+                          "by_kind": _adherence(results, "by_kind", ("seen",))["seen"],
                           "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
     stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
                    "safety_scaling/scaling_scores.png", "safety_scaling/false_refusal.png",

@@ -20,6 +20,7 @@ from llama2.generation.compiled_step import compiled_step
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.sampling import next_token
 from llama2.model.transformer import Transformer
+from llama2.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass
@@ -139,6 +140,19 @@ def generate(
         if lp_rows is not None:
             out_logprobs.append(lp_rows[i][first : max_len + cut])
     return GenerationOutput(out_tokens, out_logprobs if logprobs else None)
+
+
+def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_gen_len: int,
+                   temperature: float, top_p: float, batch_size: int,
+                   generator: torch.Generator | None = None) -> list[str]:
+    """One sampled answer per prompt, decoded and stripped, `batch_size` prompts at a time; the one `generator`
+    runs on across batches, so a seeded run is reproducible at a given batch size."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        out = generate(model, prompts[start : start + batch_size], max_gen_len, [tokenizer.eos_id], temperature,
+                       top_p, generator=generator)
+        texts += [tokenizer.decode(t).strip() for t in out.tokens]
+    return texts
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from llama2.data.formats import dumps, read_chat
-from llama2.generation.generator import generate
+from llama2.generation.generator import generate_texts
 from llama2.generation.llama import Llama
 from llama2.stages import sft
 from llama2.stages.artifacts import model_dir
@@ -128,11 +128,7 @@ def sample_responses(llm: Llama, prompts: list[Prompt], s: Sampling, temperature
     """K answers per prompt (P lists of K strings), generated in batches of `s.batch_size` rows."""
     rows = [encode_dialog(llm.tokenizer, p.dialog) for p in prompts for _ in range(s.samples_per_prompt)]
     gen = torch.Generator(llm.device).manual_seed(s.seed)
-    texts: list[str] = []
-    for start in range(0, len(rows), s.batch_size):
-        out = generate(llm.model, rows[start : start + s.batch_size], s.max_gen_len, [llm.tokenizer.eos_id],
-                       temperature, s.top_p, generator=gen)
-        texts += [llm.tokenizer.decode(t).strip() for t in out.tokens]
+    texts = generate_texts(llm.model, llm.tokenizer, rows, s.max_gen_len, temperature, s.top_p, s.batch_size, gen)
     k = s.samples_per_prompt
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 

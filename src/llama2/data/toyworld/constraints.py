@@ -34,6 +34,11 @@ class Constraint:
     value: str
     held_out: bool = False
 
+    @property
+    def category(self) -> str:
+        """"hobby", "language", "figure", or the format's name ("uppercase", "emoji", "max_words", ...)."""
+        return self.kind if self.kind != "format" else self.value.split(":")[0]
+
     def verbose(self) -> str:
         fmt, _, arg = self.value.partition(":")
         return {

@@ -105,11 +105,10 @@ def letter(tw: ToyWorld, rng: random.Random) -> tuple[list[Constraint], str]:
     body = " ".join(answers.fact_sentence(Task("fact", land.get(a), "", a, land.name), land.get(a), rng)
                     for a in rng.sample(ATTRIBUTES, 2))
     cs = [c for c in tw.constraints.sample(rng, held_out=rng.random() < 0.3)
-          if c.kind != "format" or c.value.split(":")[0] in LETTER_INTROS]
+          if c.category in LETTER_INTROS]
     intros = []
     for c in cs:
-        key = c.kind if c.kind != "format" else c.value.split(":")[0]
-        intros.append(rng.choice(LETTER_INTROS[key]).format(value=c.value.split(":")[-1]))
+        intros.append(rng.choice(LETTER_INTROS[c.category]).format(value=c.value.split(":")[-1]))
     return cs, " ".join(intros or [f"A note about {land.name}."]) + "\n" + tw.constraints.apply(cs, body)
 
 
