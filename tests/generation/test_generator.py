@@ -75,3 +75,20 @@ def test_rows_stop_at_their_own_stop_id_and_the_batch_ends_when_all_have():
     for row, full in zip(out, free, strict=True):
         expected = full[: full.index(stop)] if stop in full else full
         assert row == expected
+
+
+def test_samples_per_prompt_gives_the_rows_of_repeated_prompts_with_one_prefill_per_prompt():
+    model = _model()
+    repeated = [p for p in PROMPTS for _ in range(3)]
+    expected = generate(model, repeated, 10, stop_ids=[], temperature=1.0, logprobs=True,
+                        generator=torch.Generator().manual_seed(7))
+    prefill_rows = []
+    handle = model.norm.register_forward_pre_hook(lambda module, inputs: prefill_rows.append(inputs[0].shape[0]))
+    shared = generate(model, PROMPTS, 10, stop_ids=[], temperature=1.0, logprobs=True,
+                      generator=torch.Generator().manual_seed(7), samples_per_prompt=3)
+    handle.remove()
+    assert shared.tokens == expected.tokens
+    assert len({tuple(t) for t in shared.tokens[:3]}) > 1  # the copies of a prompt sample apart
+    torch.testing.assert_close(torch.tensor(sum(shared.logprobs, [])), torch.tensor(sum(expected.logprobs, [])),
+                               atol=1e-5, rtol=1e-5)
+    assert prefill_rows[0] == len(PROMPTS) and set(prefill_rows[1:]) == {len(repeated)}

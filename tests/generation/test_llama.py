@@ -83,6 +83,15 @@ def test_special_tags_get_metas_error_message(llm):
     assert out[1]["generation"]["content"] != UNSAFE_ERROR
 
 
+def test_chat_completion_samples_several_replies_per_dialog_in_dialog_major_order(llm):
+    dialogs = [[{"role": "user", "content": "hi [INST] there"}], [{"role": "user", "content": "the river Olm"}]]
+    repeated = [d for d in dialogs for _ in range(3)]
+    expected = llm.chat_completion(repeated, temperature=1.0, max_gen_len=12, seed=4)
+    out = llm.chat_completion(dialogs, temperature=1.0, max_gen_len=12, seed=4, samples_per_prompt=3)
+    assert out == expected
+    assert [o["generation"]["content"] == UNSAFE_ERROR for o in out] == [True] * 3 + [False] * 3
+
+
 def test_text_completion_with_logprobs(llm):
     out = llm.text_completion(["The river"], temperature=0, max_gen_len=8, logprobs=True)[0]
     assert len(out["tokens"]) == len(out["logprobs"]) and all(lp <= 0 for lp in out["logprobs"])

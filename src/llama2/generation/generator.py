@@ -58,15 +58,25 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    samples_per_prompt: int = 1,
 ) -> GenerationOutput:
     """Generate for a batch of ragged prompts. `cuda_graph` (default: on for CUDA models in eval mode)
     replays each decoding step from a captured graph; `compile` (off by default: the first call per batch
     size and cache length compiles for tens of seconds) runs it through `torch.compile` instead, the fast
-    path on a CPU. The tokens are the same either way, up to floating-point reassociation."""
+    path on a CPU. The tokens are the same either way, up to floating-point reassociation.
+
+    `samples_per_prompt` n > 1 returns n samples of each prompt, prompt-major (row `i * n + j` is sample j
+    of prompt i), the same rows as passing each prompt n times; but each prompt is prefilled once and its
+    KV cache copied to its n rows, which saves most of the work when long prompts are sampled many times
+    (Ghost Attention samples several replies at every turn of a long dialog)."""
     args = model.args
     _validate_prompts(prompts, args.vocab_size, args.max_seq_len)
     if max_gen_len < 1:
         raise ValueError(f"max_gen_len must be at least 1, got {max_gen_len}")
+    n = samples_per_prompt
+    if n < 1:
+        raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
+    prompts = [p for p in prompts for _ in range(n)]
     bsz = len(prompts)
     device = model.output.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -96,17 +106,20 @@ def generate(
     try:
         # Prefill: causal over real slots; a padding slot sees itself only, so no row of the softmax is empty.
         prefill_mask = (slots[None, :max_len] <= slots[:max_len, None]) & (
-            real[:, None, :max_len] | torch.eye(max_len, dtype=torch.bool, device=device))
-        hidden = model.hidden_states(tokens[:, :max_len], 0, prefill_mask[:, None] if ragged else None,
-                                     positions[:, :max_len] if ragged else None)
+            real[::n, None, :max_len] | torch.eye(max_len, dtype=torch.bool, device=device))
+        # Each prompt once (rows 0, n, 2n, ...); its KV cache is then copied to the n rows that sample it.
+        hidden = model.hidden_states(tokens[::n, :max_len], 0, prefill_mask[:, None] if ragged else None,
+                                     positions[::n, :max_len] if ragged else None)
+        if n > 1:
+            _share_prefill(model, n, bsz, max_len)
         if echo and token_logprobs is not None:
-            logits = model.output(hidden).float()
+            logits = model.output(hidden).float().repeat_interleave(n, 0)
             token_logprobs[:, 1:max_len] = -F.cross_entropy(
                 logits[:, :-1].transpose(1, 2), tokens[:, 1:max_len], reduction="none")
             token_logprobs[:, :max_len] *= slots[:max_len] > pad[:, None]  # a prompt's first token has none
             logits = logits[:, -1:]
         else:
-            logits = model.output(hidden[:, -1:]).float()  # (B, 1, V)
+            logits = model.output(hidden[:, -1:]).float().repeat_interleave(n, 0)  # (B, 1, V)
         cur_pos = max_len
         while True:
             nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
@@ -140,6 +153,14 @@ def generate(
         if lp_rows is not None:
             out_logprobs.append(lp_rows[i][first : max_len + cut])
     return GenerationOutput(out_tokens, out_logprobs if logprobs else None)
+
+
+def _share_prefill(model: Transformer, n: int, bsz: int, length: int) -> None:
+    """Copy the prefilled cache rows 0..bsz/n-1 to rows 0..bsz-1, each n times (prompt-major)."""
+    for layer in model.layers:
+        attn = layer.attention
+        for cache in (attn.cache_k, attn.cache_v):
+            cache[:bsz, :, :length] = cache[: bsz // n, :, :length].repeat_interleave(n, 0)
 
 
 def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_gen_len: int,

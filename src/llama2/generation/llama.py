@@ -110,8 +110,10 @@ class Llama:
         echo: bool = False,
         top_k: int | None = None,
         seed: int | None = None,
+        samples_per_prompt: int = 1,
     ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-        """Generated ids per prompt (cut at EOS); with `logprobs=True`, `(tokens, logprobs)` as Meta returns."""
+        """Generated ids per prompt (cut at EOS); with `logprobs=True`, `(tokens, logprobs)` as Meta returns.
+        `samples_per_prompt` n: n samples of each prompt, prompt-major, each prompt prefilled once."""
         out = gen.generate(
             self.model,
             prompt_tokens,
@@ -124,6 +126,7 @@ class Llama:
             echo=echo,
             generator=self._generator(seed),
             compile=self.compile,
+            samples_per_prompt=samples_per_prompt,
         )
         return (out.tokens, out.logprobs) if logprobs else out.tokens
 
@@ -162,14 +165,18 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         seed: int | None = None,
+        samples_per_prompt: int = 1,
     ) -> list[ChatPrediction]:
-        """Meta's `chat_completion`: a dialog holding special tags gets the error message as its reply."""
+        """Meta's `chat_completion`: a dialog holding special tags gets the error message as its reply.
+        `samples_per_prompt` n: n replies to each dialog, dialog-major, each dialog prefilled once."""
         unsafe = [has_special_tags(d) for d in dialogs]
         prompt_tokens = [
             encode_dialog(self.tokenizer, d) if not bad else [self.tokenizer.bos_id]
             for d, bad in zip(dialogs, unsafe, strict=True)
         ]
-        out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed)
+        out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed,
+                            samples_per_prompt=samples_per_prompt)
+        unsafe = [bad for bad in unsafe for _ in range(samples_per_prompt)]
         return [self._with_logprobs({"generation": {"role": "assistant",
                                                     "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}},
                                     t, lp)
