@@ -20,6 +20,9 @@ def world():
     return ToyWorld(0)
 
 
+REPLY = "The river is long and the water is cold in the winter months here."  # over a 12-word limit
+
+
 class ObedientSometimes:
     """Stands in for the chat model: obeys the instruction appended to the user turn on every other sample."""
 
@@ -28,14 +31,17 @@ class ObedientSometimes:
         self.args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=tokenizer.n_words, max_seq_len=max_seq_len,
                               multiple_of=16)
 
-    def chat_completion(self, dialogs, **kw):
+    def chat_completion(self, dialogs, samples_per_prompt=1, **kw):
         self.calls.append(dialogs)
         out = []
-        for k, d in enumerate(dialogs):
+        for k, d in enumerate(d for d in dialogs for _ in range(samples_per_prompt)):
             constraints, rest = self.world.constraints.parse(d[-1]["content"])
-            reply = self.world.constraints.apply(constraints, "The river is long.") if k % 2 else "No."
+            reply = self.world.constraints.apply(constraints, REPLY) if self.obeys(k, d) else "No."
             out.append({"generation": {"role": "assistant", "content": reply}})
         return out
+
+    def obeys(self, k, dialog):
+        return k % 2 == 1
 
 
 def test_instruction_only_in_the_system_message_and_earlier_turns_masked(world, tiny_tokenizer_path):
@@ -64,27 +70,33 @@ def test_replies_are_kept_only_when_the_checker_accepts_them(world, tiny_tokeniz
              for (cs, text), users in zip(gatt.sample_instructions(cfg, world, 4), turns, strict=True)]
     stats = gatt.sample_replies(llm, world, convs, cfg)
     # The stand-in's obedient reply passes for some constraint sets (not, e.g., a tight word limit); a
-    # dialog whose reply fails ends at its first turn.
-    passes = [world.check_constraint(c.constraints, world.constraints.apply(c.constraints, "The river is long."))
+    # dialog whose reply fails goes on with the first sample ("No.") as context.
+    passes = [world.check_constraint(c.constraints, world.constraints.apply(c.constraints, REPLY))
               for c in convs]
-    assert [len(c.replies) for c in convs] == [len(c.users) if ok else 0 for c, ok in zip(convs, passes, strict=True)]
-    assert stats["turns_accepted"] == sum(len(c.replies) for c in convs) > 0
-    for c in convs:
-        assert all(world.check_constraint(c.constraints, r) for r in c.replies)
+    assert any(passes) and not all(passes)
+    for c, ok in zip(convs, passes, strict=True):
+        assert len(c.replies) == len(c.users) and c.accepted == [ok] * len(c.users)
+        assert all(world.check_constraint(c.constraints, r) == ok for r in c.replies)
+    assert stats["turns_accepted"] == sum(map(sum, (c.accepted for c in convs)))
+    assert stats["replies_sampled"] == 2 * stats["turns_sampled"] == 2 * sum(len(c.users) for c in convs)
+    assert len(llm.calls) == 3 and len(llm.calls[0]) == 4  # one call a turn, each dialog once (2 samples each)
 
 
-def test_a_dialog_stops_at_its_first_turn_without_an_accepted_reply(world, tiny_tokenizer_path):
-    class NeverObeys(ObedientSometimes):
-        def chat_completion(self, dialogs, **kw):
-            self.calls.append(dialogs)
-            return [{"generation": {"role": "assistant", "content": "No."}} for _ in dialogs]
+def test_a_turn_without_an_accepted_reply_is_context_for_later_turns_not_an_example(world, tiny_tokenizer_path):
+    class ObeysFromTheSecondTurn(ObedientSometimes):
+        def obeys(self, k, dialog):
+            return sum(m["role"] == "user" for m in dialog) > 1
 
     cfg = gatt.GAttData(dialogs=2, min_turns=3, max_turns=3, samples_per_turn=2)
-    convs = [gatt.Conversation(cs, t, u) for (cs, t), u in
-             zip(gatt.sample_instructions(cfg, world, 2), gatt.user_turns(cfg, world), strict=True)]
-    llm = NeverObeys(world, Tokenizer(tiny_tokenizer_path))
-    assert gatt.sample_replies(llm, world, convs, cfg)["turns_accepted"] == 0
-    assert len(llm.calls) == 1 and all(c.replies == [] for c in convs)
+    instructions = [(cs, t) for cs, t in gatt.sample_instructions(cfg, world, 40)
+                    if world.check_constraint(cs, world.constraints.apply(cs, REPLY))][:2]
+    convs = [gatt.Conversation(cs, t, u) for (cs, t), u in zip(instructions, gatt.user_turns(cfg, world), strict=True)]
+    llm = ObeysFromTheSecondTurn(world, Tokenizer(tiny_tokenizer_path))
+    assert gatt.sample_replies(llm, world, convs, cfg)["turns_accepted"] == 4
+    examples = gatt.training_examples(convs)
+    assert [c.accepted for c in convs] == [[False, True, True]] * 2 and len(examples) == 4
+    assert [len(e) for e in examples] == [5, 7, 5, 7]  # system + turns 1-2, system + turns 1-3
+    assert all(e[2]["content"] == "No." for e in examples)  # the refused first turn stays as context
 
 
 @pytest.mark.slow
@@ -105,5 +117,7 @@ def test_gatt_stage_end_to_end(tmp_path, world, tiny_tokenizer_path, monkeypatch
     report = json.loads((tmp_path / "gatt" / "report.json").read_text())
     lines = (tmp_path / "gatt" / "gatt_train.jsonl").read_text().splitlines()
     assert report["examples"] == len(lines) == report["turns_accepted"] > 0
-    assert report["acceptance_rate"] == pytest.approx(0.5)
+    # every other sample obeys; a set the obedient reply cannot satisfy (a word limit) is never accepted
+    assert report["acceptance_rate"] == pytest.approx(report["turns_accepted"] / report["replies_sampled"])
+    assert 0 < report["acceptance_rate"] <= 0.5
     assert result.step >= 1 and model_dir(tmp_path / "gatt") == result.checkpoint / "model"

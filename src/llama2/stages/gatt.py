@@ -6,7 +6,9 @@ Step by step, as the paper describes it:
     in terse wording half the time;
  3. append the instruction to every user message and sample the replies with the current chat model,
     turn by turn; a reply is kept only if the constraint checker accepts it (`samples_per_turn` tries, the
-    first accepted one wins), and a dialog ends at its first turn without an accepted reply;
+    first accepted one wins); a turn with no accepted reply keeps its first sample as context only, and the
+    dialog goes on, so that late turns are sampled too (ending the dialog there left few examples past
+    turn 12, and adherence fell after the last turn trained on);
  4. build training dialogs with the instruction only in the system message, one per accepted turn;
  5. zero the loss on every earlier turn, assistant replies included (`train_on="last"`);
  6. fine-tune through the SFT path.
@@ -91,6 +93,8 @@ class Conversation:
     instruction: str
     users: list[str]
     replies: list[str] = field(default_factory=list)
+    accepted: list[bool] = field(default_factory=list)
+    """Per reply: did the checker accept it (a training example), or is it the context of later turns only."""
 
     def sampling_dialog(self, turn: int, system: bool = False) -> list[Message]:
         """Step 3's context: the instruction appended to every user message, earlier accepted replies kept."""
@@ -139,7 +143,8 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 
 
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
-    """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn, keep the first accepted."""
+    """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
+    keep the first accepted, else the first non-empty sample as context."""
     sampled = accepted = fallbacks = 0
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
@@ -150,11 +155,10 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
                  if len(encode_dialog(llm.tokenizer, contexts[i])) + cfg.max_gen_len < llm.args.max_seq_len]
         if not alive:
             break
-        batch = [contexts[i] for i in alive for _ in range(cfg.samples_per_turn)]
-        replies = llm.chat_completion(batch, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      max_gen_len=cfg.max_gen_len, seed=cfg.seed * 1000 + turn)
-        sampled += len(batch)
-        survivors = []
+        replies = llm.chat_completion([contexts[i] for i in alive], temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_gen_len=cfg.max_gen_len, seed=cfg.seed * 1000 + turn,
+                                      samples_per_prompt=cfg.samples_per_turn)
+        sampled += len(replies)
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
             texts = [c["generation"]["content"].strip() for c in candidates]
@@ -164,12 +168,16 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
                 rewrite = world.constraints.apply(constraints, texts[0] or "Yes.")
                 if world.check_constraint(constraints, rewrite):
                     ok, fallbacks = rewrite, fallbacks + 1
-            if ok is not None:
-                conversations[i].replies.append(ok)
-                accepted += 1
-                survivors.append(i)
-        alive = survivors
-    return {"replies_sampled": sampled, "turns_accepted": accepted, "oracle_fallbacks": fallbacks}
+            conversations[i].replies.append(ok if ok is not None else next((t for t in texts if t), texts[0]))
+            conversations[i].accepted.append(ok is not None)
+            accepted += ok is not None
+    return {"replies_sampled": sampled, "turns_accepted": accepted, "oracle_fallbacks": fallbacks,
+            "turns_sampled": sum(len(c.replies) for c in conversations)}
+
+
+def training_examples(conversations: list[Conversation]) -> list[list[Message]]:
+    """Steps 4-5: one training dialog per accepted turn (its loss on that turn's reply only)."""
+    return [c.training_dialog(t) for c in conversations for t in range(len(c.replies)) if c.accepted[t]]
 
 
 def run(cfg: Config) -> TrainResult:
@@ -188,7 +196,7 @@ def run(cfg: Config) -> TrainResult:
         conversations = [Conversation(cs, text, users) for (cs, text), users in zip(instructions, turns, strict=True)]
         stats = sample_replies(llm, world, conversations, cfg.data)
         # 4-5. one training dialog per accepted turn; the loss is on that turn's reply only
-        examples = [c.training_dialog(t) for c in conversations for t in range(len(c.replies))]
+        examples = training_examples(conversations)
         if not examples:
             raise ValueError("gatt: the checker accepted no sampled reply; the chat model cannot follow any "
                              "instruction yet (train SFT longer, or raise data.samples_per_turn)")
@@ -196,7 +204,7 @@ def run(cfg: Config) -> TrainResult:
         model_accepted = stats["turns_accepted"] - stats["oracle_fallbacks"]
         report = {**stats, "acceptance_rate": model_accepted / max(1, stats["replies_sampled"]),
                   "dialogs": len(conversations), "examples": len(examples),
-                  "dialogs_with_all_turns_accepted": sum(len(c.replies) == len(c.users) for c in conversations),
+                  "dialogs_with_all_turns_accepted": sum(len(c.users) == sum(c.accepted) for c in conversations),
                   "sampling_seconds": round(time.perf_counter() - started, 1)}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         rewrites = f" (+{stats['oracle_fallbacks']} oracle rewrites)" if stats["oracle_fallbacks"] else ""
