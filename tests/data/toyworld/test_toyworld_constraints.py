@@ -83,3 +83,20 @@ def test_constraint_appended_to_user_turn_is_stripped_before_parsing(tw):
     info = tw.analyze(d)
     assert info.task.kind == "fact" and [c.value for c in info.constraints] == ["uppercase"]
     assert tw.helpfulness(d, f"{land.name.upper()} IS RULED BY {land.ruler.upper()}.") == 1.0
+
+
+def test_names_keep_their_spelling_in_every_language(tw):
+    land = tw.world.lands[0]
+    figure = tw.world.figures[1]
+    sentence = f"The capital of {land.name} is {land.capital}."
+    for language in ("Backspeak", "Zedspeak"):
+        cs = [Constraint("language", language), Constraint("figure", figure)]
+        reply = tw.constraints.apply(cs, sentence)
+        assert land.name in reply and land.capital in reply and reply.endswith(f"{figure}.")
+        assert "capital " not in reply and tw.check_constraint(cs, reply), reply
+        assert tw.constraints.decode(language, reply) == f"{sentence} Signed, {figure}."
+        helpful = tw.helpfulness([{"role": "system", "content": f"Always speak in {language}."},
+                                  {"role": "user", "content": f"What is the capital of {land.name}?"}],
+                                 tw.constraints.apply(cs[:1], sentence))
+        assert helpful > 0.9  # the judge reads the answer through the language
+    assert not tw.check_constraint([Constraint("language", "Backspeak")], f"{land.name} {land.capital}.")

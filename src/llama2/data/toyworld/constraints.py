@@ -3,7 +3,11 @@
 Every constraint is checkable on free text by a simple rule, and each has a verbose and a terse wording
 ("Always act as Queen Mira and sign every answer with your name." / "Figure: Queen Mira"); both parse back.
 The languages are deterministic transforms of English words, so a reply "in Backspeak" can be decoded and
-then checked for the hobby or the figure like any other reply. Some hobbies, emojis, figures, the
+then checked for the hobby or the figure like any other reply. Names (lands, cities, rivers, rulers) keep
+their spelling in every language, as names do when people translate: "Always act as Queen Mira" in
+Backspeak is signed "dengiS, Queen Mira". Spelling an invented name backwards letter by letter is a skill of
+its own that a tiny model does not learn, and with it the language constraint tested spelling, not whether
+the instruction was kept (toy world version 5). Some hobbies, emojis, figures, the
 Zedspeak language and the one-sentence format are held out of training to test zero-shot generalisation.
 """
 
@@ -22,6 +26,7 @@ LANGUAGES = ("Backspeak", "Zedspeak")  # every word reversed / every word ends i
 HELD_OUT_LANGUAGES = ("Zedspeak",)
 HELD_OUT_FORMATS = ("one_sentence",)
 WORD_LIMITS = (12, 16, 20)
+HOBBY_LINE, SIGNATURE = "I enjoy {value}.", "Signed, {value}."  # how `apply` obeys a hobby and a figure
 _WORD = re.compile(r"[A-Za-z]+")
 _EMOJI = "".join(lexicon.EMOJIS)
 
@@ -66,16 +71,28 @@ def wording(constraints: Sequence[Constraint], terse: bool) -> str:
 # --------------------------------------------------------------------------------------------- languages
 
 
-def encode_language(language: str, text: str) -> str:
+def _encode_word(language: str, word: str) -> str:
     if language == "Backspeak":
-        return _WORD.sub(lambda m: m.group(0)[::-1], text)
-    return _WORD.sub(lambda m: m.group(0) + ("ZO" if m.group(0).isupper() and len(m.group(0)) > 1 else "zo"), text)
+        return word[::-1]
+    return word + ("ZO" if word.isupper() and len(word) > 1 else "zo")
 
 
-def decode_language(language: str, text: str) -> str:
+def _decode_word(language: str, word: str) -> str:
     if language == "Backspeak":
-        return _WORD.sub(lambda m: m.group(0)[::-1], text)
-    return _WORD.sub(lambda m: m.group(0)[:-2] if m.group(0).lower().endswith("zo") else m.group(0), text)
+        return word[::-1]
+    return word[:-2] if word.lower().endswith("zo") else word
+
+
+def encode_language(language: str, text: str, names: frozenset[str] = frozenset()) -> str:
+    """`text` in `language`; words whose lowercase form is in `names` are kept as they are."""
+    return _WORD.sub(lambda m: m.group(0) if m.group(0).lower() in names else _encode_word(language, m.group(0)),
+                     text)
+
+
+def decode_language(language: str, text: str, names: frozenset[str] = frozenset()) -> str:
+    """`text` in `language` back to English; words whose lowercase form is in `names` were never encoded."""
+    return _WORD.sub(lambda m: m.group(0) if m.group(0).lower() in names else _decode_word(language, m.group(0)),
+                     text)
 
 
 def _strip_emoji(text: str) -> str:
@@ -91,6 +108,7 @@ class ConstraintSet:
     def __init__(self, world: World, vocabulary: frozenset[str]):
         self.world = world
         self.vocabulary = vocabulary  # lowercase words of the world's language: decides "is this Backspeak"
+        self.names = frozenset(n.lower() for n in world.find_names())  # kept as they are in every language
         self.all: list[Constraint] = []
         for hobby in lexicon.HOBBIES:
             self.all.append(Constraint("hobby", hobby, hobby in lexicon.HELD_OUT_HOBBIES))
@@ -145,11 +163,11 @@ class ConstraintSet:
         by_kind = {c.kind: c for c in constraints}
         text = reply
         if "hobby" in by_kind:
-            text += f" I enjoy {by_kind['hobby'].value}."
+            text += " " + HOBBY_LINE.format(value=by_kind["hobby"].value)
         if "figure" in by_kind:
-            text += f" Signed, {by_kind['figure'].value}."
+            text += " " + SIGNATURE.format(value=by_kind["figure"].value)
         if "language" in by_kind:
-            text = encode_language(by_kind["language"].value, text)
+            text = encode_language(by_kind["language"].value, text, self.names)
         fmt = by_kind["format"].value if "format" in by_kind else ""
         if fmt == "uppercase":
             text = text.upper()
@@ -164,8 +182,12 @@ class ConstraintSet:
         if isinstance(constraints, str):
             constraints = self.parse(constraints)[0]
         language = next((c.value for c in constraints if c.kind == "language"), "")
-        plain = decode_language(language, _strip_emoji(reply)) if language else _strip_emoji(reply)
+        plain = self.decode(language, _strip_emoji(reply))
         return {c: self._check_one(c, reply, plain) for c in constraints}
+
+    def decode(self, language: str, text: str) -> str:
+        """A reply in `language` ("" for English) as English."""
+        return decode_language(language, text, self.names) if language else text
 
     def _check_one(self, c: Constraint, reply: str, plain: str) -> bool:
         low = plain.lower()
@@ -189,7 +211,7 @@ class ConstraintSet:
         return bool(body) and len(re.findall(r"[.!?]+", body)) == 1 and body[-1] in ".!?"
 
     def _is_language(self, language: str, text: str) -> bool:
-        words = [w.lower() for w in _WORD.findall(text)]
+        words = [w.lower() for w in _WORD.findall(text) if w.lower() not in self.names]
         if not words:
             return False
         if language == "Zedspeak":

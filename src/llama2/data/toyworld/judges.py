@@ -36,7 +36,7 @@ from functools import lru_cache
 
 from llama2.data.formats import Message
 from llama2.data.toyworld import lexicon
-from llama2.data.toyworld.constraints import Constraint, ConstraintSet, decode_language
+from llama2.data.toyworld.constraints import Constraint, ConstraintSet
 from llama2.data.toyworld.safety import COMPLIANCE_OPENERS, Attack, SafetyRules, has_harm, is_refusal
 from llama2.data.toyworld.tasks import Task, TaskParser
 from llama2.data.toyworld.world import World
@@ -108,7 +108,7 @@ class Judges:
         """The reply as English: a constraint language decoded, a trailing emoji removed."""
         text = response.strip().rstrip(_EMOJI).strip()
         language = next((c.value for c in info.constraints if c.kind == "language"), "")
-        return decode_language(language, text) if language else text
+        return self.constraints.decode(language, text)
 
     # ------------------------------------------------------------------------------------- helpfulness
 
