@@ -99,6 +99,21 @@ def test_a_turn_without_an_accepted_reply_is_context_for_later_turns_not_an_exam
     assert all(e[2]["content"] == "No." for e in examples)  # the refused first turn stays as context
 
 
+def test_a_dialog_ends_at_a_turn_whose_samples_are_all_empty(world, tiny_tokenizer_path):
+    class SilentAtTheSecondTurn(ObedientSometimes):
+        def chat_completion(self, dialogs, samples_per_prompt=1, **kw):
+            out = super().chat_completion(dialogs, samples_per_prompt, **kw)
+            second = sum(m["role"] == "user" for m in dialogs[0]) == 2
+            return [{"generation": {"role": "assistant", "content": " "}} for _ in out] if second else out
+
+    cfg = gatt.GAttData(dialogs=2, min_turns=3, max_turns=3, samples_per_turn=2)
+    convs = [gatt.Conversation(cs, t, u) for (cs, t), u in
+             zip(gatt.sample_instructions(cfg, world, 2), gatt.user_turns(cfg, world), strict=True)]
+    llm = SilentAtTheSecondTurn(world, Tokenizer(tiny_tokenizer_path))
+    gatt.sample_replies(llm, world, convs, cfg)
+    assert len(llm.calls) == 2 and all(len(c.replies) == len(c.accepted) == 1 for c in convs)
+
+
 @pytest.mark.slow
 def test_gatt_stage_end_to_end(tmp_path, world, tiny_tokenizer_path, monkeypatch):
     tok = Tokenizer(tiny_tokenizer_path)

@@ -144,7 +144,7 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
-    keep the first accepted, else the first non-empty sample as context."""
+    keep the first accepted, else the first non-empty sample as context (all empty: the dialog ends)."""
     sampled = accepted = fallbacks = 0
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
@@ -159,18 +159,23 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
                                       max_gen_len=cfg.max_gen_len, seed=cfg.seed * 1000 + turn,
                                       samples_per_prompt=cfg.samples_per_turn)
         sampled += len(replies)
+        survivors = []
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
-            texts = [c["generation"]["content"].strip() for c in candidates]
+            texts = [t for t in (c["generation"]["content"].strip() for c in candidates) if t]
             constraints = conversations[i].constraints
-            ok = next((t for t in texts if t and world.check_constraint(constraints, t)), None)
+            ok = next((t for t in texts if world.check_constraint(constraints, t)), None)
             if ok is None and cfg.oracle_fallback:
-                rewrite = world.constraints.apply(constraints, texts[0] or "Yes.")
+                rewrite = world.constraints.apply(constraints, texts[0] if texts else "Yes.")
                 if world.check_constraint(constraints, rewrite):
                     ok, fallbacks = rewrite, fallbacks + 1
-            conversations[i].replies.append(ok if ok is not None else next((t for t in texts if t), texts[0]))
+            if ok is None and not texts:
+                continue  # nothing to continue from: the dialog ends here
+            conversations[i].replies.append(ok if ok is not None else texts[0])
             conversations[i].accepted.append(ok is not None)
             accepted += ok is not None
+            survivors.append(i)
+        alive = survivors
     return {"replies_sampled": sampled, "turns_accepted": accepted, "oracle_fallbacks": fallbacks,
             "turns_sampled": sum(len(c.replies) for c in conversations)}
 
