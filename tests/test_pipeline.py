@@ -52,6 +52,12 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert set(saved["margin_ablation"]) == {"none", "small", "large"}
     assert all(0.0 <= by["overall"] <= 1.0 for by in saved["margin_ablation"].values())
     assert {"base", "sft", "rlhf", "safety"} <= saved["models"].keys()
+    # SFT's second phase (instruction dialogs) ran after the demonstrations, and the later stages start from it
+    sft_result = saved["stages"]["sft"]
+    assert Path(sft_result["model"]).is_relative_to(tmp_path / "run" / "sft" / "instructions")
+    assert Path(sft_result["demonstrations"]["model"]).is_relative_to(tmp_path / "run" / "sft" / "checkpoints")
+    rm_config = next((tmp_path / "run" / "reward_helpfulness" / "checkpoints").glob("*/config.yaml")).read_text()
+    assert f"init_from: {sft_result['model']}" in rm_config
     for model in saved["models"].values():
         for key in ("helpfulness", "violation_rate", "false_refusal_rate"):
             assert 0.0 <= model[key] <= 1.0

@@ -92,6 +92,26 @@ class DistillSettings:
 
 
 @dataclass
+class InstructionPhase:
+    """SFT's second phase: one-turn dialogs whose replies obey the instruction in their system message.
+
+    Mixed into the demonstrations, these taught the demo model to copy a hobby or a name from its
+    instruction only part of the time (turn 1, all of an instruction's constraints: 0.67 with 75% of the
+    SFT dialogs constrained); a short phase on them alone after the demonstrations, at SFT's learning
+    rate, lifted that to 0.97 and helpfulness with it. GAtt can only keep an instruction that the chat
+    model follows at turn 1 (SPEC §9 samples its replies from the current model)."""
+
+    dialogs: int = 0
+    """Instruction dialogs written to `data/sft_instructions.jsonl`; 0 skips the phase."""
+    replay: int = 0
+    """Demonstrations like SFT's (same mix, new draws) written beside them: on instruction dialogs alone the
+    demo model forgot how to answer anything they never show (harmful requests got answers in Backspeak)."""
+    epochs: float = 4.0
+    train: TrainConfig = field(default_factory=sft.finetune_train)
+    """The fine-tuning engine settings (`steps` is set from `epochs`)."""
+
+
+@dataclass
 class PipelineConfig:
     """`llama2 pipeline`: every stage's settings; paths between stages are filled in by the pipeline."""
 
@@ -102,6 +122,8 @@ class PipelineConfig:
     """Pretraining (`out_dir`, data files and tokenizer are set by the pipeline)."""
     sft: sft.Config = field(default_factory=sft.Config)
     """SFT (`out_dir`, `init_from` and data files are set by the pipeline)."""
+    sft_instructions: InstructionPhase = field(default_factory=InstructionPhase)
+    """SFT's second phase, on instruction-following dialogs alone (in `sft/instructions`)."""
     reward_helpfulness: reward.Config = field(default_factory=lambda: reward.Config(kind="helpfulness"))
     """The helpfulness RM (`out_dir`, `init_from` and the pair files are set by the pipeline)."""
     reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety"))
@@ -151,6 +173,11 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     world = ToyWorld(cfg.data.seed)
     dialogs = _helpful_dialogs(cfg, world, cfg.data.sft_dialogs, seed=0)
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+    phase = cfg.sft_instructions
+    if phase.dialogs:
+        instructions = world.constrained_dialogs(phase.dialogs, seed=0)
+        instructions += _helpful_dialogs(cfg, world, phase.replay, seed=24)
+        (out / "sft_instructions.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in instructions))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
     # for the reply), tagged for the safety gate (SPEC §8).
     rl = [_last_turns(d[:-1], 2) for d in world.sft_dialogs(cfg.data.rl_prompts, seed=7, safety_rate=0.35,
@@ -209,13 +236,29 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     stage = replace(cfg.sft, out_dir=str(out), init_from=str(out.parent / "pretrain"),
                     data=replace(cfg.sft.data, train_files=[str(data / "sft_helpful.jsonl")],
                                  val_files=[str(data / "sft_valid.jsonl")]))
-    return _train_summary(sft.run(stage), out)
+    demonstrations = _train_summary(sft.run(stage), out)
+    phase = cfg.sft_instructions
+    if not phase.dialogs:
+        return demonstrations
+    second = sft.Config(out_dir=str(out / INSTRUCTION_PHASE), init_from=str(out), epochs=phase.epochs,
+                        data=sft.SFTData(train_files=[str(data / "sft_instructions.jsonl")], seed=cfg.data.seed),
+                        train=phase.train)
+    return {**_train_summary(sft.run(second), out / INSTRUCTION_PHASE), "demonstrations": demonstrations}
+
+
+INSTRUCTION_PHASE = "instructions"  # the folder of SFT's second phase, inside the sft stage's
+
+
+def sft_model(root: Path) -> Path:
+    """The SFT stage's model: its second phase's when the phase ran."""
+    phase = root / "sft" / INSTRUCTION_PHASE
+    return model_dir(phase if phase.is_dir() else root / "sft")
 
 
 def _run_reward(base: reward.Config, out: Path, root: Path, train: str, mix: str) -> dict[str, Any]:
     """An RM in `out`, initialised from `root/sft`, trained on `root/data`'s `train` pairs with `mix` mixed in."""
     data = root / "data"
-    stage = replace(base, out_dir=str(out), init_from=str(root / "sft"),
+    stage = replace(base, out_dir=str(out), init_from=str(sft_model(root)),
                     data=replace(base.data, train_files=[str(data / f"pref_{train}_train.jsonl")],
                                  mix_files=[str(data / f"pref_{mix}_train.jsonl")],
                                  test_files=[str(data / f"pref_{train}_test.jsonl")]),
@@ -241,7 +284,7 @@ def _rm_on_policy(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     from llama2.stages.reward_models import load_reward_model
 
     world = ToyWorld(cfg.data.seed)
-    llm = Llama.load(model_dir(out.parent / "sft"))
+    llm = Llama.load(sft_model(out.parent))
     print(f"reward: ranking pairs of the SFT model's samples on {cfg.rm_policy_pairs} held-out prompts",
           file=sys.stderr)
     pairs = sample_pairs(llm.model, llm.tokenizer, world, cfg.rm_policy_pairs, seed=cfg.data.seed)
@@ -268,7 +311,7 @@ def run_margin_ablation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 def run_rejection_sampling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     root = out.parent
-    stage = replace(cfg.rejection_sampling, out_dir=str(out), policy=str(root / "sft"),
+    stage = replace(cfg.rejection_sampling, out_dir=str(out), policy=str(sft_model(root)),
                     helpfulness_rm=str(root / "reward_helpfulness"), safety_rm=str(root / "reward_safety"),
                     prompt_files=[str(root / "data" / "rl_prompts.jsonl")], oracle="toyworld",
                     world_seed=cfg.data.seed)
@@ -350,7 +393,7 @@ def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     settings = ToyEvalSettings(prompts=e.prompts, max_gen_len=e.max_gen_len)
     models, adherence = {}, {}
     for name, stage in EVALUATED.items():
-        llm = Llama.load(model_dir(out.parent / stage))
+        llm = Llama.load(sft_model(out.parent) if stage == "sft" else model_dir(out.parent / stage))
         print(f"evaluation: {name} model", file=sys.stderr)
         models[name] = oracle_evaluation(llm, world, settings, out.parent / "data")
         if name in ("rlhf", "gatt"):

@@ -37,6 +37,10 @@ def plot_losses(out: Path) -> str | None:
             drawn = True
         if val:
             ax.plot(*zip(*val, strict=True), marker="o", label="validation")
+        phase = [(r["step"], r["loss"]) for r in read_metrics(out / stage / "instructions" / "metrics.jsonl")
+                 if "loss" in r]  # SFT's second phase, after the demonstrations' last step
+        if phase and train:
+            ax.plot([train[-1][0] + step for step, _ in phase], [loss for _, loss in phase], label="instruction phase")
         ax.set(title=stage, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()
