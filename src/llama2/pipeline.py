@@ -96,9 +96,9 @@ class InstructionPhase:
     """SFT's second phase: one-turn dialogs whose replies obey the instruction in their system message.
 
     Mixed into the demonstrations, these taught the demo model to copy a hobby or a name from its
-    instruction only part of the time (turn 1, all of an instruction's constraints: 0.67 with 75% of the
-    SFT dialogs constrained); a short phase on them alone after the demonstrations, at SFT's learning
-    rate, lifted that to 0.97 and helpfulness with it. GAtt can only keep an instruction that the chat
+    instruction only part of the time (turn 1, all of an instruction's constraints obeyed: 0.69 with half
+    the SFT dialogs constrained); a short phase on them after the demonstrations, at SFT's learning rate,
+    lifted that to 0.91-0.95 without costing helpfulness. GAtt can only keep an instruction that the chat
     model follows at turn 1 (SPEC §9 samples its replies from the current model)."""
 
     dialogs: int = 0
