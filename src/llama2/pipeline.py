@@ -26,7 +26,7 @@ from llama2.config import dump_config, load_config
 from llama2.data.formats import dumps
 from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
 from llama2.stages import safety_scaling as scaling_experiment
-from llama2.stages.artifacts import model_dir
+from llama2.stages.artifacts import INSTRUCTION_PHASE, model_dir
 from llama2.training.loop import TrainConfig
 
 
@@ -246,19 +246,16 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     return {**_train_summary(sft.run(second), out / INSTRUCTION_PHASE), "demonstrations": demonstrations}
 
 
-INSTRUCTION_PHASE = "instructions"  # the folder of SFT's second phase, inside the sft stage's
-
-
-def sft_model(root: Path) -> Path:
-    """The SFT stage's model: its second phase's when the phase ran."""
-    phase = root / "sft" / INSTRUCTION_PHASE
-    return model_dir(phase if phase.is_dir() else root / "sft")
+def stage_model(root: Path, folder: str) -> Path:
+    """The model in the run folder `root/folder`; the SFT stage's is its second phase's when that ran."""
+    phase = root / folder / INSTRUCTION_PHASE
+    return model_dir(phase if folder == "sft" and phase.is_dir() else root / folder)
 
 
 def _run_reward(base: reward.Config, out: Path, root: Path, train: str, mix: str) -> dict[str, Any]:
     """An RM in `out`, initialised from `root/sft`, trained on `root/data`'s `train` pairs with `mix` mixed in."""
     data = root / "data"
-    stage = replace(base, out_dir=str(out), init_from=str(sft_model(root)),
+    stage = replace(base, out_dir=str(out), init_from=str(stage_model(root, "sft")),
                     data=replace(base.data, train_files=[str(data / f"pref_{train}_train.jsonl")],
                                  mix_files=[str(data / f"pref_{mix}_train.jsonl")],
                                  test_files=[str(data / f"pref_{train}_test.jsonl")]),
@@ -284,7 +281,7 @@ def _rm_on_policy(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     from llama2.stages.reward_models import load_reward_model
 
     world = ToyWorld(cfg.data.seed)
-    llm = Llama.load(sft_model(out.parent))
+    llm = Llama.load(stage_model(out.parent, "sft"))
     print(f"reward: ranking pairs of the SFT model's samples on {cfg.rm_policy_pairs} held-out prompts",
           file=sys.stderr)
     pairs = sample_pairs(llm.model, llm.tokenizer, world, cfg.rm_policy_pairs, seed=cfg.data.seed)
@@ -311,7 +308,7 @@ def run_margin_ablation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 def run_rejection_sampling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     root = out.parent
-    stage = replace(cfg.rejection_sampling, out_dir=str(out), policy=str(sft_model(root)),
+    stage = replace(cfg.rejection_sampling, out_dir=str(out), policy=str(stage_model(root, "sft")),
                     helpfulness_rm=str(root / "reward_helpfulness"), safety_rm=str(root / "reward_safety"),
                     prompt_files=[str(root / "data" / "rl_prompts.jsonl")], oracle="toyworld",
                     world_seed=cfg.data.seed)
@@ -393,7 +390,7 @@ def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     settings = ToyEvalSettings(prompts=e.prompts, max_gen_len=e.max_gen_len)
     models, adherence = {}, {}
     for name, stage in EVALUATED.items():
-        llm = Llama.load(sft_model(out.parent) if stage == "sft" else model_dir(out.parent / stage))
+        llm = Llama.load(stage_model(out.parent, stage))
         print(f"evaluation: {name} model", file=sys.stderr)
         models[name] = oracle_evaluation(llm, world, settings, out.parent / "data")
         if name in ("rlhf", "gatt"):

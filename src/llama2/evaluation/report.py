@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
+from llama2.stages.artifacts import INSTRUCTION_PHASE  # noqa: E402
+
 LOSS_STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "gatt")
 
 
@@ -37,7 +39,7 @@ def plot_losses(out: Path) -> str | None:
             drawn = True
         if val:
             ax.plot(*zip(*val, strict=True), marker="o", label="validation")
-        phase = [(r["step"], r["loss"]) for r in read_metrics(out / stage / "instructions" / "metrics.jsonl")
+        phase = [(r["step"], r["loss"]) for r in read_metrics(out / stage / INSTRUCTION_PHASE / "metrics.jsonl")
                  if "loss" in r]  # SFT's second phase, after the demonstrations' last step
         if phase and train:
             ax.plot([train[-1][0] + step for step, _ in phase], [loss for _, loss in phase], label="instruction phase")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from llama2.training.checkpointing import latest_checkpoint
 
+INSTRUCTION_PHASE = "instructions"
+"""The folder of the pipeline SFT stage's second phase (instruction-following dialogs), inside the stage's."""
+
 
 def model_dir(path: str | Path) -> Path:
     """`path` itself if it is a model directory (HF or Meta), else its newest checkpoint's `model/`."""

@@ -145,7 +145,7 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
     keep the first accepted, else the first non-empty sample as context (all empty: the dialog ends)."""
-    sampled = accepted = fallbacks = 0
+    sampled = fallbacks = 0
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
     for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
@@ -163,21 +163,30 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
             texts = [t for t in (c["generation"]["content"].strip() for c in candidates) if t]
-            constraints = conversations[i].constraints
-            ok = next((t for t in texts if world.check_constraint(constraints, t)), None)
-            if ok is None and cfg.oracle_fallback:
-                rewrite = world.constraints.apply(constraints, texts[0] if texts else "Yes.")
-                if world.check_constraint(constraints, rewrite):
-                    ok, fallbacks = rewrite, fallbacks + 1
-            if ok is None and not texts:
+            reply, accepted, rewritten = _choose_reply(world, conversations[i].constraints, texts, cfg.oracle_fallback)
+            if reply is None:
                 continue  # nothing to continue from: the dialog ends here
-            conversations[i].replies.append(ok if ok is not None else texts[0])
-            conversations[i].accepted.append(ok is not None)
-            accepted += ok is not None
+            conversations[i].replies.append(reply)
+            conversations[i].accepted.append(accepted)
+            fallbacks += rewritten
             survivors.append(i)
         alive = survivors
-    return {"replies_sampled": sampled, "turns_accepted": accepted, "oracle_fallbacks": fallbacks,
-            "turns_sampled": sum(len(c.replies) for c in conversations)}
+    return {"replies_sampled": sampled, "turns_accepted": sum(sum(c.accepted) for c in conversations),
+            "oracle_fallbacks": fallbacks, "turns_sampled": sum(len(c.replies) for c in conversations)}
+
+
+def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[str], oracle_fallback: bool
+                  ) -> tuple[str | None, bool, bool]:
+    """(reply, accepted, rewritten) for one turn's non-empty samples: the first the checker accepts; else, with
+    `oracle_fallback`, the toy world's rewrite of the first; else the first as context only (None: no sample)."""
+    ok = next((t for t in texts if world.check_constraint(constraints, t)), None)
+    if ok is not None:
+        return ok, True, False
+    if oracle_fallback:
+        rewrite = world.constraints.apply(constraints, texts[0] if texts else "Yes.")
+        if world.check_constraint(constraints, rewrite):
+            return rewrite, True, True
+    return (texts[0] if texts else None), False, False
 
 
 def training_examples(conversations: list[Conversation]) -> list[list[Message]]:
