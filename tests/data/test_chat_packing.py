@@ -62,9 +62,10 @@ def test_too_long_dialogs_are_cut_between_turns_or_rejected(tok):
 
 
 def test_untrainable_dialogs_are_reported_not_trained(tok):
-    gatt_like = [u("rule: speak like a pirate. hi"), a("ahoy"), u("tell a long tale " * 10), a("arr " * 30)]
+    gatt_like = [u("rule: speak like a pirate. hi"), {**a("ahoy"), "weight": 0}, u("tell a long tale " * 10),
+                 a("arr " * 30)]
     first_turn, _ = encode_dialog_for_training(tok, gatt_like[:2])
-    packed = pack_dialogs(tok, [DIALOGS[0], gatt_like], max_seq_len=len(first_turn) + 4, train_on="last")
+    packed = pack_dialogs(tok, [DIALOGS[0], gatt_like], max_seq_len=len(first_turn) + 4)
     assert packed.report.untrainable == [1]
     assert "no trained token" in packed.report.summary() and "first lines: 2" in packed.report.summary()
 

@@ -43,6 +43,17 @@ def test_chat_reader_returns_typed_records(tmp_path):
         read_chat(path, last_role="assistant")
 
 
+def test_an_assistant_message_of_weight_0_is_kept_and_a_bad_weight_is_named(tmp_path):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 0}]
+    path = _write(tmp_path / "w.jsonl", [json.dumps({"messages": turns})])
+    assert read_chat(path)[0].messages == turns
+    for bad in ([{**turns[0], "weight": 1}, turns[1]], [turns[0], {**turns[1], "weight": 0.5}],
+                [turns[0], {**turns[1], "weight": True}]):
+        path = _write(tmp_path / "w.jsonl", [json.dumps({"messages": turns}), json.dumps({"messages": bad})])
+        with pytest.raises(FormatError, match=r"w\.jsonl:2: messages\[[01]\]\.weight: .*expected 0 or 1"):
+            read_chat(path)
+
+
 def test_preference_reader_native_and_hh(tmp_path):
     path = _write(tmp_path / "p.jsonl", [json.dumps(GOOD_PAIR)])
     (rec,) = read_preferences(path)

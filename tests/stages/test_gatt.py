@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llama2 import ModelArgs, Tokenizer, Transformer, encode_dialog_for_training
+from llama2 import ModelArgs, Tokenizer, Transformer, encode_dialog, encode_dialog_for_training
 from llama2.config import load_config
 from llama2.data.toyworld import ToyWorld
 from llama2.model.checkpoint import save_hf
@@ -44,22 +44,69 @@ class ObedientSometimes:
         return k % 2 == 1
 
 
-def test_instruction_only_in_the_system_message_and_earlier_turns_masked(world, tiny_tokenizer_path):
+def test_instruction_only_in_the_system_message_and_rejected_replies_masked(world, tiny_tokenizer_path):
     tok = Tokenizer(tiny_tokenizer_path)
     cfg = gatt.GAttData(dialogs=3, min_turns=3, max_turns=3, samples_per_turn=2)
     (cs, text), = gatt.sample_instructions(cfg, world, 1)
-    conv = gatt.Conversation(cs, text, ["first question", "second question", "third question"],
-                             ["reply one", "reply two", "reply three"])
+    conv = gatt.Conversation(cs, text, ["first question", "second question", "third question", "fourth"],
+                             ["reply one", "reply two", "reply three", "reply four"], [True, False, True, False])
     sampling = conv.sampling_dialog(2)
     assert all(m["content"].endswith(text) for m in sampling if m["role"] == "user")
     assert [m["role"] for m in sampling] == ["user", "assistant", "user", "assistant", "user"]
-    example = conv.training_dialog(2)
+    example = conv.training_dialog()
     assert example[0] == {"role": "system", "content": text}
     assert all(text not in m["content"] for m in example[1:])
-    ids, labels = encode_dialog_for_training(tok, example, train_on="last")
+    assert len(example) == 7  # up to the last accepted turn
+    ids, labels = encode_dialog_for_training(tok, example)
     trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
-    assert trained == tok.encode("reply three ", bos=False, eos=True)
-    assert labels[: len(ids) - len(trained)] == [IGNORE_INDEX] * (len(ids) - len(trained))
+    assert trained == tok.encode("reply one ", bos=False, eos=True) + tok.encode("reply three ", bos=False, eos=True)
+
+
+def test_one_dialog_trains_exactly_the_papers_per_turn_examples(world, tiny_tokenizer_path):
+    """The paper: one example per turn, the loss on its last reply only. Attention is causal, so each accepted
+    reply's token losses within the whole dialog equal those of its own example."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = Tokenizer(tiny_tokenizer_path)
+    (cs, text), = gatt.sample_instructions(gatt.GAttData(), world, 1)
+    conv = gatt.Conversation(cs, text, ["one?", "two?", "three?"], ["first answer", "a no", "third answer"],
+                             [True, False, True])
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16))
+    model.init_weights(seed=0)
+
+    def trained_losses(dialog):
+        ids, labels = encode_dialog_for_training(tok, dialog)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, :-1]
+        losses = F.cross_entropy(logits, torch.tensor(labels[1:]), reduction="none")
+        return [loss for loss, label in zip(losses.tolist(), labels[1:], strict=True) if label != IGNORE_INDEX]
+
+    whole = trained_losses(conv.training_dialog())
+    dialog = conv.training_dialog()
+    per_turn = []
+    for turn in (0, 2):  # the accepted turns, each with every earlier reply masked
+        example = [dict(m) for m in dialog[: 3 + 2 * turn]]
+        for m in example[1:-1]:
+            if m["role"] == "assistant":
+                m["weight"] = 0
+        per_turn += trained_losses(example)
+    assert whole == pytest.approx(per_turn, abs=1e-5) and len(whole) > 4
+
+
+def test_the_instruction_leaves_the_earliest_user_messages_first_when_the_context_is_full(world, tiny_tokenizer_path):
+    tok = Tokenizer(tiny_tokenizer_path)
+    cfg = gatt.GAttData(dialogs=1, min_turns=6, max_turns=6, samples_per_turn=1, max_gen_len=8)
+    (cs, text), = gatt.sample_instructions(cfg, world, 1)
+    users = ["What is the capital of a land far away from here?"] * 6
+    conv = gatt.Conversation(cs, text, users, ["Yes."] * 5)
+    full = len(encode_dialog(tok, conv.sampling_dialog(5, system=True)))
+    llm = ObedientSometimes(world, tok, max_seq_len=full)  # the whole form no longer fits at turn 6
+    context = gatt._fitting_context(llm, conv, 5, cfg)
+    appended = [m["content"].endswith(text) for m in context if m["role"] == "user"]
+    assert appended[0] is False and appended[-1] is True and appended == sorted(appended)
+    assert len(encode_dialog(tok, context)) + cfg.max_gen_len < full
+    assert gatt._fitting_context(ObedientSometimes(world, tok, max_seq_len=40), conv, 5, cfg) is None
 
 
 def test_replies_are_kept_only_when_the_checker_accepts_them(world, tiny_tokenizer_path):
@@ -82,7 +129,7 @@ def test_replies_are_kept_only_when_the_checker_accepts_them(world, tiny_tokeniz
     assert len(llm.calls) == 3 and len(llm.calls[0]) == 4  # one call a turn, each dialog once (2 samples each)
 
 
-def test_a_turn_without_an_accepted_reply_is_context_for_later_turns_not_an_example(world, tiny_tokenizer_path):
+def test_a_turn_without_an_accepted_reply_is_context_for_later_turns_not_trained(world, tiny_tokenizer_path):
     class ObeysFromTheSecondTurn(ObedientSometimes):
         def obeys(self, k, dialog):
             return sum(m["role"] == "user" for m in dialog) > 1
@@ -93,10 +140,11 @@ def test_a_turn_without_an_accepted_reply_is_context_for_later_turns_not_an_exam
     convs = [gatt.Conversation(cs, t, u) for (cs, t), u in zip(instructions, gatt.user_turns(cfg, world), strict=True)]
     llm = ObeysFromTheSecondTurn(world, Tokenizer(tiny_tokenizer_path))
     assert gatt.sample_replies(llm, world, convs, cfg)["turns_accepted"] == 4
-    examples = gatt.training_examples(convs)
-    assert [c.accepted for c in convs] == [[False, True, True]] * 2 and len(examples) == 4
-    assert [len(e) for e in examples] == [5, 7, 5, 7]  # system + turns 1-2, system + turns 1-3
-    assert all(e[2]["content"] == "No." for e in examples)  # the refused first turn stays as context
+    dialogs = gatt.training_dialogs(convs)
+    assert [c.accepted for c in convs] == [[False, True, True]] * 2 and [len(d) for d in dialogs] == [7, 7]
+    for d in dialogs:  # the refused first turn stays as context, not trained
+        assert d[2] == {"role": "assistant", "content": "No.", "weight": 0}
+        assert "weight" not in d[4] and "weight" not in d[6]
 
 
 def test_a_dialog_ends_at_a_turn_whose_samples_are_all_empty(world, tiny_tokenizer_path):
@@ -131,7 +179,9 @@ def test_gatt_stage_end_to_end(tmp_path, world, tiny_tokenizer_path, monkeypatch
     result = gatt.run(cfg)
     report = json.loads((tmp_path / "gatt" / "report.json").read_text())
     lines = (tmp_path / "gatt" / "gatt_train.jsonl").read_text().splitlines()
-    assert report["examples"] == len(lines) == report["turns_accepted"] > 0
+    dialogs = [json.loads(line)["messages"] for line in lines]
+    assert report["training_dialogs"] == len(lines) > 0
+    assert report["turns_accepted"] == sum(m.get("weight", 1) for d in dialogs for m in d if m["role"] == "assistant")
     # every other sample obeys; a set the obedient reply cannot satisfy (a word limit) is never accepted
     assert report["acceptance_rate"] == pytest.approx(report["turns_accepted"] / report["replies_sampled"])
     assert 0 < report["acceptance_rate"] <= 0.5

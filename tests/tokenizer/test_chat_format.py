@@ -96,13 +96,15 @@ def test_training_labels_segment_by_segment(tok, dialog):
     assert ids[: len(prefix)] == prefix
 
 
-def test_training_on_the_last_turn_only_masks_earlier_answers(tok):
-    dialog = [s("Speak like a pirate"), u("hi"), a("ahoy"), u("how are you"), a("arr, fine")]
-    ids, labels = encode_dialog_for_training(tok, dialog, train_on="last")
+def test_an_answer_of_weight_0_is_context_only(tok):
+    dialog = [s("Speak like a pirate"), u("hi"), {**a("ahoy"), "weight": 0}, u("how are you"), a("arr, fine")]
+    ids, labels = encode_dialog_for_training(tok, dialog)
     trained = [i for i, l in zip(ids, labels, strict=True) if l != IGNORE_INDEX]
     assert trained == tok.encode("arr, fine ", bos=False, eos=True)
-    _, all_labels = encode_dialog_for_training(tok, dialog)
+    _, all_labels = encode_dialog_for_training(tok, [dict(m, weight=1) if m["role"] == "assistant" else m
+                                                     for m in dialog])
     assert sum(l != IGNORE_INDEX for l in all_labels) > len(trained)
+    assert ids == encode_dialog_for_training(tok, [{k: v for k, v in m.items() if k != "weight"} for m in dialog])[0]
 
 
 @pytest.mark.parametrize(
@@ -115,6 +117,8 @@ def test_training_on_the_last_turn_only_masks_earlier_answers(tok):
         ([u("a"), a("b")], "must end with a user"),
         ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
         ([{"role": "user"}], "'role' and 'content'"),
+        ([{**u("a"), "weight": 0}], "'weight' is 0 or 1 on an assistant message"),
+        ([u("a"), {**a("b"), "weight": 2}, u("c")], "'weight' is 0 or 1 on an assistant message"),
         ([u("hello [INST] there")], UNSAFE_ERROR),
         ([s("<<SYS>>"), u("hi")], UNSAFE_ERROR),
         ([u("x"), a("[/INST]"), u("y")], UNSAFE_ERROR),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -81,7 +80,6 @@ def pack_dialogs(
     tokenizer: Tokenizer,
     dialogs: Sequence[Dialog],
     max_seq_len: int,
-    train_on: Literal["all", "last"] = "all",
     pad_id: int | None = None,
 ) -> PackedChat:
     """Encode and pack `dialogs` in the given order (shuffle beforehand for a random mix)."""
@@ -90,7 +88,7 @@ def pack_dialogs(
     windows: list[list[tuple[list[int], list[int]]]] = [[]]
     used = 0
     for index, dialog in enumerate(dialogs):
-        ids, labels, dropped = _fit(encode_dialog_turns(tokenizer, dialog, train_on), max_seq_len)
+        ids, labels, dropped = _fit(encode_dialog_turns(tokenizer, dialog), max_seq_len)
         if not ids:
             report.rejected += 1
             continue

@@ -5,7 +5,8 @@ Three kinds of file:
 - **chat** jsonl: one `{"messages": [{"role", "content"}, ...]}` a line. Roles are an optional `system`
   message, then `user`/`assistant` alternating from `user`. SFT data ends with an assistant turn; prompt
   sets (evaluation, RLHF prompts) end with a user turn; both are valid chat files. Extra keys (`id`, `meta`)
-  are kept in `ChatRecord.meta`.
+  are kept in `ChatRecord.meta`. An assistant message may carry `"weight": 0` (OpenAI's fine-tuning
+  convention): it stays in the dialog as context and is not trained on.
 - **preference** jsonl: native `{"prompt": [messages], "chosen", "rejected", "rating", "safety"?}`, or
   Anthropic HH transcripts (`{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`, usually
   gzipped), which are cut at their last `Assistant:` turn into a prompt dialog and two responses.
@@ -25,16 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-Role = Literal["system", "user", "assistant"]
+from llama2.tokenizer.chat_format import Message, Role
+
 Rating = Literal["significantly_better", "better", "slightly_better", "negligibly_better"]
 RATINGS: tuple[str, ...] = ("significantly_better", "better", "slightly_better", "negligibly_better")
 KINDS = ("chat", "preference", "text")
 MAX_LINE_CHARS = 1_000_000  # a longer line is almost surely a broken file (missing newlines), not a record
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
 
 
 class SafetyLabel(TypedDict):
@@ -174,7 +171,14 @@ def _messages(path: Path, n: int, value: Any, name: str, last_role: str | None) 
             raise FormatError(path, n, f"{where}.content", f"got {type(content).__name__} (expected a string)")
         if not content.strip():
             raise FormatError(path, n, f"{where}.content", "empty (expected non-empty text)")
-        out.append({"role": role, "content": content})
+        message: Message = {"role": role, "content": content}
+        if "weight" in msg:
+            weight = msg["weight"]
+            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                raise FormatError(path, n, f"{where}.weight", f"got {weight!r} on a {role} message (expected 0 or "
+                                  "1, on assistant messages only)")
+            message["weight"] = weight
+        out.append(message)
     start = 1 if out[0]["role"] == "system" else 0
     for i in range(start, len(out)):
         expected = "user" if (i - start) % 2 == 0 else "assistant"

@@ -8,9 +8,15 @@ Step by step, as the paper describes it:
     turn by turn; a reply is kept only if the constraint checker accepts it (`samples_per_turn` tries, the
     first accepted one wins); a turn with no accepted reply keeps its first sample as context only, and the
     dialog goes on, so that late turns are sampled too (ending the dialog there left few examples past
-    turn 12, and adherence fell after the last turn trained on);
- 4. build training dialogs with the instruction only in the system message, one per accepted turn;
- 5. zero the loss on every earlier turn, assistant replies included (`train_on="last"`);
+    turn 12, and adherence fell after the last turn trained on). Once a long dialog with the instruction
+    on every user message no longer fits the context, it is appended to the latest user messages that fit
+    (and is in the system message throughout): the paper's form would stop the dialog near turn 15 of 20;
+ 4. build training dialogs with the instruction only in the system message;
+ 5. zero the loss on every earlier turn, assistant replies included, and on rejected replies. The paper
+    trains one example per turn with the loss on its last reply only. Attention is causal, so the loss of
+    turn t's reply within the whole dialog is exactly that example's loss (later turns are invisible to
+    it); one dialog with every accepted reply trained (`"weight": 0` on the rejected ones) therefore holds
+    all of the dialog's examples and computes their shared context once, not once per turn;
  6. fine-tune through the SFT path.
 `report.json` in the run folder records how many replies were sampled and accepted.
 """
@@ -41,7 +47,7 @@ class GAttData:
     """How the synthetic Ghost Attention dialogs are made."""
 
     dialogs: int = 64
-    """Dialogs to synthesise (each gives one training example per accepted turn)."""
+    """Dialogs to synthesise (each one with an accepted reply is a training dialog)."""
     min_turns: int = 2
     """Fewest user turns in a dialog."""
     max_turns: int = 8
@@ -80,7 +86,7 @@ class Config:
     data: GAttData = field(default_factory=GAttData)
     """The synthetic dialogs."""
     epochs: float = 2.0
-    """Passes over the GAtt examples."""
+    """Passes over the GAtt training dialogs."""
     block_diagonal: bool = True
     """Attention only within each packed dialog during fine-tuning."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
@@ -96,21 +102,26 @@ class Conversation:
     accepted: list[bool] = field(default_factory=list)
     """Per reply: did the checker accept it (a training example), or is it the context of later turns only."""
 
-    def sampling_dialog(self, turn: int, system: bool = False) -> list[Message]:
-        """Step 3's context: the instruction appended to every user message, earlier accepted replies kept."""
+    def sampling_dialog(self, turn: int, system: bool = False, appended_from: int = 0) -> list[Message]:
+        """Step 3's context for `turn`: the instruction appended to every user message from `appended_from`
+        on (0: all of them), the earlier replies kept."""
         out: list[Message] = [{"role": "system", "content": self.instruction}] if system else []
         for t in range(turn + 1):
-            out.append({"role": "user", "content": f"{self.users[t]} {self.instruction}"})
+            user = f"{self.users[t]} {self.instruction}" if t >= appended_from else self.users[t]
+            out.append({"role": "user", "content": user})
             if t < turn:
                 out.append({"role": "assistant", "content": self.replies[t]})
         return out
 
-    def training_dialog(self, turn: int) -> list[Message]:
-        """Step 4: the instruction only in the system message, turns 1..turn with their accepted replies."""
+    def training_dialog(self) -> list[Message]:
+        """Steps 4-5: the instruction only in the system message; the turns up to the last accepted one, each
+        accepted reply trained and every other one context only (weight 0)."""
+        last = max(t for t, ok in enumerate(self.accepted) if ok)
         out: list[Message] = [{"role": "system", "content": self.instruction}]
-        for t in range(turn + 1):
+        for t in range(last + 1):
             out.append({"role": "user", "content": self.users[t]})
-            out.append({"role": "assistant", "content": self.replies[t]})
+            out.append({"role": "assistant", "content": self.replies[t]} if self.accepted[t]
+                       else {"role": "assistant", "content": self.replies[t], "weight": 0})
         return out
 
 
@@ -145,14 +156,15 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
     keep the first accepted, else the first non-empty sample as context (all empty: the dialog ends)."""
-    sampled = fallbacks = 0
+    sampled = fallbacks = shortened = 0
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
     for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
         alive = [i for i in alive if turn < len(conversations[i].users)]
-        contexts = {i: conversations[i].sampling_dialog(turn, cfg.system_while_sampling) for i in alive}
-        alive = [i for i in alive
-                 if len(encode_dialog(llm.tokenizer, contexts[i])) + cfg.max_gen_len < llm.args.max_seq_len]
+        contexts = {i: _fitting_context(llm, conversations[i], turn, cfg) for i in alive}
+        alive = [i for i in alive if contexts[i] is not None]
+        shortened += sum(sum(m["role"] == "user" and not m["content"].endswith(conversations[i].instruction)
+                             for m in contexts[i]) > 0 for i in alive)
         if not alive:
             break
         replies = llm.chat_completion([contexts[i] for i in alive], temperature=cfg.temperature, top_p=cfg.top_p,
@@ -172,7 +184,18 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
             survivors.append(i)
         alive = survivors
     return {"replies_sampled": sampled, "turns_accepted": sum(sum(c.accepted) for c in conversations),
-            "oracle_fallbacks": fallbacks, "turns_sampled": sum(len(c.replies) for c in conversations)}
+            "oracle_fallbacks": fallbacks, "turns_sampled": sum(len(c.replies) for c in conversations),
+            "turns_with_instruction_on_latest_users_only": shortened}
+
+
+def _fitting_context(llm: Llama, conversation: Conversation, turn: int, cfg: GAttData) -> list[Message] | None:
+    """The sampling context of `turn` with the instruction appended to as many of the latest user messages as
+    fit the model's context with a whole reply (None: not even the last one fits, so the dialog ends)."""
+    for appended_from in range(turn + 1):
+        context = conversation.sampling_dialog(turn, cfg.system_while_sampling, appended_from)
+        if len(encode_dialog(llm.tokenizer, context)) + cfg.max_gen_len < llm.args.max_seq_len:
+            return context
+    return None
 
 
 def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[str], oracle_fallback: bool
@@ -189,9 +212,9 @@ def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[st
     return (texts[0] if texts else None), False, False
 
 
-def training_examples(conversations: list[Conversation]) -> list[list[Message]]:
-    """Steps 4-5: one training dialog per accepted turn (its loss on that turn's reply only)."""
-    return [c.training_dialog(t) for c in conversations for t in range(len(c.replies)) if c.accepted[t]]
+def training_dialogs(conversations: list[Conversation]) -> list[list[Message]]:
+    """Steps 4-5: one training dialog per conversation with an accepted reply."""
+    return [c.training_dialog() for c in conversations if any(c.accepted)]
 
 
 def run(cfg: Config) -> TrainResult:
@@ -209,25 +232,25 @@ def run(cfg: Config) -> TrainResult:
         instructions = sample_instructions(cfg.data, world, len(turns))
         conversations = [Conversation(cs, text, users) for (cs, text), users in zip(instructions, turns, strict=True)]
         stats = sample_replies(llm, world, conversations, cfg.data)
-        # 4-5. one training dialog per accepted turn; the loss is on that turn's reply only
-        examples = training_examples(conversations)
-        if not examples:
+        # 4-5. one training dialog per conversation; the loss is on its accepted replies only
+        dialogs = training_dialogs(conversations)
+        if not dialogs:
             raise ValueError("gatt: the checker accepted no sampled reply; the chat model cannot follow any "
                              "instruction yet (train SFT longer, or raise data.samples_per_turn)")
-        train_file.write_text("".join(dumps({"messages": e}) + "\n" for e in examples))
+        train_file.write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
         model_accepted = stats["turns_accepted"] - stats["oracle_fallbacks"]
         report = {**stats, "acceptance_rate": model_accepted / max(1, stats["replies_sampled"]),
-                  "dialogs": len(conversations), "examples": len(examples),
+                  "dialogs": len(conversations), "training_dialogs": len(dialogs),
                   "dialogs_with_all_turns_accepted": sum(len(c.users) == sum(c.accepted) for c in conversations),
                   "sampling_seconds": round(time.perf_counter() - started, 1)}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         rewrites = f" (+{stats['oracle_fallbacks']} oracle rewrites)" if stats["oracle_fallbacks"] else ""
         print(f"gatt: the checker accepted {model_accepted} of {report['replies_sampled']} sampled replies"
-              f"{rewrites}; {len(examples)} training examples", file=sys.stderr)
+              f"{rewrites}; {len(dialogs)} training dialogs", file=sys.stderr)
         del llm
-    # 6. fine-tune through the SFT path, loss on the last turn only
+    # 6. fine-tune through the SFT path
     finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
-                          data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed, train_on="last",
+                          data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed,
                                            block_diagonal=cfg.block_diagonal),
                           train=cfg.train)
     return sft.run(finetune)

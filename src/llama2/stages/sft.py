@@ -1,10 +1,10 @@
 """Supervised fine-tuning in the Llama 2 chat format (SPEC §5): the first Llama 2-Chat.
 
 setup → loop → cleanup: read chat jsonl, encode every dialog with `encode_dialog_turns` (loss on assistant
-tokens and their EOS only), pack whole dialogs into `max_seq_len` windows (block-diagonal attention by
-default, so a packed dialog sees only itself, as at inference), load the starting checkpoint and hand
-everything to the shared engine. Ghost Attention (`gatt.py`) trains through the same function with
-`train_on="last"`.
+tokens and their EOS only, except answers of `"weight": 0`), pack whole dialogs into `max_seq_len` windows
+(block-diagonal attention by default, so a packed dialog sees only itself, as at inference), load the
+starting checkpoint and hand everything to the shared engine. Ghost Attention (`gatt.py`) trains through
+the same function, its rejected replies at weight 0.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Literal
 
 from llama2.config import dump_config
 from llama2.data.chat_packing import PackedChat, collate_chat, pack_dialogs
@@ -43,8 +42,6 @@ class SFTData:
     block_diagonal: bool = True
     """Attention only within each packed dialog (True, our default: training matches inference) or across
     the whole window (False: llama-recipes' plain causal packing, a little faster on GPUs)."""
-    train_on: Literal["all", "last"] = "all"
-    """Train on every assistant turn (SFT) or only on the last one (Ghost Attention)."""
 
 
 def _default_train() -> TrainConfig:
@@ -90,7 +87,7 @@ def pack_files(files: list[str], tokenizer: Tokenizer, seq_len: int, data: SFTDa
     dialogs, where = read_dialogs(files)
     order = list(range(len(dialogs)))
     random.Random(data.seed).shuffle(order)
-    packed = pack_dialogs(tokenizer, [dialogs[i] for i in order], seq_len, data.train_on)
+    packed = pack_dialogs(tokenizer, [dialogs[i] for i in order], seq_len)
     packed.report.untrainable = [order[i] for i in packed.report.untrainable]
     if packed.report.untrainable:
         lines = ", ".join(where[i] for i in sorted(packed.report.untrainable)[:5])

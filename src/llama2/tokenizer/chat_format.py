@@ -2,7 +2,8 @@
 
 Prompts are built segment by segment exactly like Meta's `chat_completion`: each completed
 (user, assistant) pair is encoded on its own with BOS and EOS, the last user turn with BOS only. Training
-labels come from the same segments, so prompt ids and training ids can never drift apart.
+labels come from the same segments, so prompt ids and training ids can never drift apart. An assistant
+message with `"weight": 0` (OpenAI's fine-tuning convention) is context only: its labels are -100.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from llama2.tokenizer.tokenizer import Tokenizer
 Role = Literal["system", "user", "assistant"]
 
 
-class Message(TypedDict):
+class _RoleAndContent(TypedDict):
     role: Role
     content: str
+
+
+class Message(_RoleAndContent, total=False):
+    weight: int
+    """Assistant messages only: 1 (the default) trains on the answer, 0 keeps it as context only."""
 
 
 Dialog = Sequence[Message]
@@ -55,6 +61,10 @@ def _validate(dialog: Dialog, must_end_with: Role) -> list[Message]:
             raise DialogError(f"message {i}: unknown role {msg['role']!r} (expected system, user or assistant)")
         if not isinstance(msg["content"], str):
             raise DialogError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
+        if "weight" in msg and (msg["role"] != "assistant" or msg["weight"] not in (0, 1)
+                                or isinstance(msg["weight"], bool)):
+            raise DialogError(f"message {i}: 'weight' is 0 or 1 on an assistant message, got {msg['weight']!r} "
+                              f"on a {msg['role']} message")
     if has_special_tags(dialog):
         raise DialogError(UNSAFE_ERROR)
     messages = list(dialog)
@@ -89,40 +99,31 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return ids
 
 
-def encode_dialog_turns(
-    tokenizer: Tokenizer, dialog: Dialog, train_on: Literal["all", "last"] = "all"
-) -> list[tuple[list[int], list[int]]]:
+def encode_dialog_turns(tokenizer: Tokenizer, dialog: Dialog) -> list[tuple[list[int], list[int]]]:
     """`(ids, labels)` of each (user, assistant) turn of a dialog that ends with an assistant turn.
 
-    A turn is `<s>[INST] user [/INST]` (labels -100) followed by `answer </s>` (labels = ids), the
-    llama-recipes construction. With `train_on="last"` (Ghost Attention) every earlier assistant turn is
-    masked too. Packing cuts dialogs only between these turns.
+    A turn is `<s>[INST] user [/INST]` (labels -100) followed by `answer </s>` (labels = ids, or -100 when
+    the answer has `"weight": 0`), the llama-recipes construction. Packing cuts dialogs only between turns.
     """
-    if train_on not in ("all", "last"):
-        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     messages = _validate(dialog, must_end_with="assistant")
-    pairs = list(zip(messages[::2], messages[1::2], strict=True))
     turns = []
-    for turn, (user, answer) in enumerate(pairs):
+    for user, answer in zip(messages[::2], messages[1::2], strict=True):
         prompt = tokenizer.encode(_user_text(user["content"]), bos=True, eos=False)
         reply = tokenizer.encode(f"{answer['content'].strip()} ", bos=False, eos=True)
-        trained = train_on == "all" or turn == len(pairs) - 1
-        answer_labels = reply if trained else [IGNORE_INDEX] * len(reply)
+        answer_labels = reply if answer.get("weight", 1) == 1 else [IGNORE_INDEX] * len(reply)
         turns.append((prompt + reply, [IGNORE_INDEX] * len(prompt) + answer_labels))
     return turns
 
 
-def encode_dialog_for_training(
-    tokenizer: Tokenizer, dialog: Dialog, train_on: Literal["all", "last"] = "all"
-) -> tuple[list[int], list[int]]:
+def encode_dialog_for_training(tokenizer: Tokenizer, dialog: Dialog) -> tuple[list[int], list[int]]:
     """`(ids, labels)` for a dialog that ends with an assistant turn: its turns (`encode_dialog_turns`) joined.
 
-    Labels are -100 on system and user tokens (and, with `train_on="last"`, on earlier answers); the
+    Labels are -100 on system and user tokens (and on answers of weight 0); the
     concatenated ids equal `encode_dialog` on the dialog's prefixes, turn by turn.
     """
     ids: list[int] = []
     labels: list[int] = []
-    for turn_ids, turn_labels in encode_dialog_turns(tokenizer, dialog, train_on):
+    for turn_ids, turn_labels in encode_dialog_turns(tokenizer, dialog):
         ids += turn_ids
         labels += turn_labels
     return ids, labels
