@@ -100,7 +100,7 @@ class Conversation:
     users: list[str]
     replies: list[str] = field(default_factory=list)
     accepted: list[bool] = field(default_factory=list)
-    """Per reply: did the checker accept it (a training example), or is it the context of later turns only."""
+    """Per reply: did the checker accept it (trained on), or is it the context of later turns only."""
 
     def sampling_dialog(self, turn: int, system: bool = False, appended_from: int = 0) -> list[Message]:
         """Step 3's context for `turn`: the instruction appended to every user message from `appended_from`
@@ -161,10 +161,10 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
     max_turns = max(len(c.users) for c in conversations)
     for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
         alive = [i for i in alive if turn < len(conversations[i].users)]
-        contexts = {i: _fitting_context(llm, conversations[i], turn, cfg) for i in alive}
-        alive = [i for i in alive if contexts[i] is not None]
-        shortened += sum(sum(m["role"] == "user" and not m["content"].endswith(conversations[i].instruction)
-                             for m in contexts[i]) > 0 for i in alive)
+        fitted = {i: _fitting_context(llm, conversations[i], turn, cfg) for i in alive}
+        alive = [i for i in alive if fitted[i] is not None]
+        contexts = {i: fitted[i][0] for i in alive}
+        shortened += sum(fitted[i][1] > 0 for i in alive)
         if not alive:
             break
         replies = llm.chat_completion([contexts[i] for i in alive], temperature=cfg.temperature, top_p=cfg.top_p,
@@ -188,13 +188,15 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
             "turns_with_instruction_on_latest_users_only": shortened}
 
 
-def _fitting_context(llm: Llama, conversation: Conversation, turn: int, cfg: GAttData) -> list[Message] | None:
-    """The sampling context of `turn` with the instruction appended to as many of the latest user messages as
-    fit the model's context with a whole reply (None: not even the last one fits, so the dialog ends)."""
+def _fitting_context(llm: Llama, conversation: Conversation, turn: int, cfg: GAttData
+                     ) -> tuple[list[Message], int] | None:
+    """(context, appended_from): the sampling context of `turn` with the instruction appended to as many of the
+    latest user messages as fit the model's context with a whole reply (None: not even the last one fits, so
+    the dialog ends)."""
     for appended_from in range(turn + 1):
         context = conversation.sampling_dialog(turn, cfg.system_while_sampling, appended_from)
         if len(encode_dialog(llm.tokenizer, context)) + cfg.max_gen_len < llm.args.max_seq_len:
-            return context
+            return context, appended_from
     return None
 
 
