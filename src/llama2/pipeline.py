@@ -247,9 +247,9 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_model(root: Path, folder: str) -> Path:
-    """The model in the run folder `root/folder`; the SFT stage's is its second phase's when that ran."""
+    """The model in the run folder `root/folder`: its second phase's when that ran (SFT's instruction phase)."""
     phase = root / folder / INSTRUCTION_PHASE
-    return model_dir(phase if folder == "sft" and phase.is_dir() else root / folder)
+    return model_dir(phase if phase.is_dir() else root / folder)
 
 
 def _run_reward(base: reward.Config, out: Path, root: Path, train: str, mix: str) -> dict[str, Any]:

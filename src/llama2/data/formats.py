@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from llama2.tokenizer.chat_format import Message, Role
+from llama2.tokenizer.chat_format import Message, Role, is_valid_weight
 
 Rating = Literal["significantly_better", "better", "slightly_better", "negligibly_better"]
 RATINGS: tuple[str, ...] = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -174,7 +174,7 @@ def _messages(path: Path, n: int, value: Any, name: str, last_role: str | None) 
         message: Message = {"role": role, "content": content}
         if "weight" in msg:
             weight = msg["weight"]
-            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+            if not is_valid_weight(role, weight):
                 raise FormatError(path, n, f"{where}.weight", f"got {weight!r} on a {role} message (expected 0 or "
                                   "1, on assistant messages only)")
             message["weight"] = weight

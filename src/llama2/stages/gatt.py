@@ -120,8 +120,7 @@ class Conversation:
         out: list[Message] = [{"role": "system", "content": self.instruction}]
         for t in range(last + 1):
             out.append({"role": "user", "content": self.users[t]})
-            out.append({"role": "assistant", "content": self.replies[t]} if self.accepted[t]
-                       else {"role": "assistant", "content": self.replies[t], "weight": 0})
+            out.append({"role": "assistant", "content": self.replies[t], **({} if self.accepted[t] else {"weight": 0})})
         return out
 
 

@@ -51,6 +51,11 @@ def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
 
+def is_valid_weight(role: str, weight: object) -> bool:
+    """A message's `weight`: 0 or 1 (not a bool), on an assistant message only."""
+    return role == "assistant" and weight in (0, 1) and not isinstance(weight, bool)
+
+
 def _validate(dialog: Dialog, must_end_with: Role) -> list[Message]:
     if not isinstance(dialog, Sequence) or isinstance(dialog, str) or len(dialog) == 0:
         raise DialogError("a dialog must be a non-empty list of {'role', 'content'} messages")
@@ -61,8 +66,7 @@ def _validate(dialog: Dialog, must_end_with: Role) -> list[Message]:
             raise DialogError(f"message {i}: unknown role {msg['role']!r} (expected system, user or assistant)")
         if not isinstance(msg["content"], str):
             raise DialogError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
-        if "weight" in msg and (msg["role"] != "assistant" or msg["weight"] not in (0, 1)
-                                or isinstance(msg["weight"], bool)):
+        if "weight" in msg and not is_valid_weight(msg["role"], msg["weight"]):
             raise DialogError(f"message {i}: 'weight' is 0 or 1 on an assistant message, got {msg['weight']!r} "
                               f"on a {msg['role']} message")
     if has_special_tags(dialog):
