@@ -154,7 +154,7 @@ def test_toxigen_end_to_end_with_builtin_and_hf_classifiers(checkpoint, tmp_path
     records = [json.loads(line) for line in (tmp_path / "records" / "toxigen.jsonl").read_text().splitlines()]
     direct = HFToxicityClassifier.load(clf).toxic_probability([r["generation"] for r in records])
     assert [r["toxic_probability"] for r in records] == pytest.approx(direct, abs=1e-5)
-    assert hf["toxic_percent"] == pytest.approx(100 * sum(p > 0.5 for p in direct) / 6)
+    assert hf["toxic_percent"] == pytest.approx(100 * sum(p > 0.5 for p in direct) / 6, abs=0.005)
 
 
 @pytest.mark.slow

@@ -30,3 +30,26 @@ def test_top_k_and_seeded_sampling_are_reproducible():
 def test_invalid_sampling_settings(temperature, top_p):
     with pytest.raises(ValueError):
         next_token(torch.randn(1, 5), temperature, top_p)
+
+
+def _nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Meta's nucleus by a full sort: the renormalised probability of each token (0 outside it)."""
+    ranked, ids = torch.sort(probs, descending=True)
+    keep = (torch.cumsum(ranked, -1) - ranked) <= p
+    out = torch.zeros_like(probs).scatter(-1, ids, ranked * keep)
+    return out / out.sum(-1, keepdim=True)
+
+
+# per row, the nucleus within the first 64 ranked tokens (sharpness 8) or past them (0.5: a full sort)
+@pytest.mark.parametrize("sharpness", [(8.0, 8.0), (0.5, 0.5), (8.0, 0.5)])
+def test_top_p_draws_follow_the_nucleus_of_a_full_sort(sharpness):
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)) * torch.tensor(sharpness)[:, None]
+    probs = logits.softmax(-1)
+    target = _nucleus(probs, 0.9)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_top_p(probs, 0.9, gen) for _ in range(4000)], dim=1)  # (2, 4000)
+    for row in range(2):
+        freq = torch.bincount(draws[row], minlength=300).float() / draws.shape[1]
+        assert set(draws[row].tolist()) <= set(target[row].nonzero().flatten().tolist())
+        assert (freq - target[row]).abs().max() < 0.03
+        assert (int((target[row] > 0).sum()) > 64) == (sharpness[row] < 1)

@@ -25,6 +25,7 @@ from llama2.data.toyworld import ToyWorld
 from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.evaluation.registry import EvalContext, task
 from llama2.generation.llama import Llama
+from llama2.generation.prefix_cache import PrefixCache
 from llama2.tokenizer.chat_format import encode_dialog
 
 
@@ -62,6 +63,7 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
     obeyed = [[] for _ in range(settings.turns)]  # per turn: one bool per dialog that reached it
     by_kind: dict[str, list[list[bool]]] = {}  # kind -> [turn-1 verdicts, all verdicts], each constraint alone
     limit = llm.args.max_seq_len
+    cache = PrefixCache()  # each turn prefills its new messages only, not the dialog's whole history
     for turn in tqdm(range(settings.turns), desc=f"gatt adherence ({'held-out' if held_out else 'seen'})",
                      disable=not progress):
         for i in alive:
@@ -71,7 +73,8 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
         if not alive:
             break
         replies = llm.chat_completion([dialogs[i] for i in alive], temperature=settings.temperature,
-                                      max_gen_len=settings.max_gen_len, seed=settings.seed + turn)
+                                      max_gen_len=settings.max_gen_len, seed=settings.seed + turn,
+                                      prefix_cache=cache, cache_keys=alive)
         for i, reply in zip(alive, replies, strict=True):
             text = reply["generation"]["content"]
             verdicts = world.constraints.check(openings[i][0], text)

@@ -10,7 +10,8 @@ length spread: 130 extra steps for prompts of 20 to 150 tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from llama2.generation.compiled_step import compiled_step
 from llama2.generation.cuda_graph import graphed_step
+from llama2.generation.prefix_cache import PrefixCache
 from llama2.generation.sampling import next_token
 from llama2.model.transformer import Transformer
 from llama2.tokenizer.tokenizer import Tokenizer
@@ -59,6 +61,8 @@ def generate(
     cuda_graph: bool | None = None,
     compile: bool = False,
     samples_per_prompt: int = 1,
+    prefix_cache: PrefixCache | None = None,
+    cache_keys: Sequence[Hashable] | None = None,
 ) -> GenerationOutput:
     """Generate for a batch of ragged prompts. `cuda_graph` (default: on for CUDA models in eval mode)
     replays each decoding step from a captured graph; `compile` (off by default: the first call per batch
@@ -68,7 +72,11 @@ def generate(
     `samples_per_prompt` n > 1 returns n samples of each prompt, prompt-major (row `i * n + j` is sample j
     of prompt i), the same rows as passing each prompt n times; but each prompt is prefilled once and its
     KV cache copied to its n rows, which saves most of the work when long prompts are sampled many times
-    (Ghost Attention samples several replies at every turn of a long dialog)."""
+    (Ghost Attention samples several replies at every turn of a long dialog).
+
+    With a `prefix_cache` and one key per prompt in `cache_keys`, each prompt's keys and values are stored
+    under its key, and a prompt sharing a prefix with the one stored under its key prefills only the tokens
+    after it (see `prefix_cache`): the next turn of a dialog costs its new tokens, not its whole history."""
     args = model.args
     _validate_prompts(prompts, args.vocab_size, args.max_seq_len)
     if max_gen_len < 1:
@@ -76,6 +84,9 @@ def generate(
     n = samples_per_prompt
     if n < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
+    reuse = _reusable(prefix_cache, cache_keys, prompts)
+    if echo and logprobs and any(reuse):
+        raise ValueError("echo with logprobs scores every prompt token, so it cannot reuse a prefix cache")
     prompts = [p for p in prompts for _ in range(n)]
     bsz = len(prompts)
     device = model.output.weight.device
@@ -103,23 +114,19 @@ def generate(
     else:
         step_mask = F.pad(real, (0, step.cache_len - width), value=True)[:, None, None, :]  # (B, 1, 1, cache)
     ragged = bool((pad > 0).any())  # equal lengths (batch 1 included): plain causal attention, no mask
+    full = echo and token_logprobs is not None  # every prompt slot's logits, not only the last one's
     try:
-        # Prefill: causal over real slots; a padding slot sees itself only, so no row of the softmax is empty.
-        prefill_mask = (slots[None, :max_len] <= slots[:max_len, None]) & (
-            real[::n, None, :max_len] | torch.eye(max_len, dtype=torch.bool, device=device))
         # Each prompt once (rows 0, n, 2n, ...); its KV cache is then copied to the n rows that sample it.
-        hidden = model.hidden_states(tokens[::n, :max_len], 0, prefill_mask[:, None] if ragged else None,
-                                     positions[::n, :max_len] if ragged else None)
+        hidden = _prefill(model, tokens[::n, :max_len], positions[::n, :max_len], real[::n, :max_len], ragged,
+                          [len(p) for p in prompts[::n]], reuse, prefix_cache, cache_keys, full)
         if n > 1:
             _share_prefill(model, n, bsz, max_len)
-        if echo and token_logprobs is not None:
-            logits = model.output(hidden).float().repeat_interleave(n, 0)
+        logits = model.output(hidden).float().repeat_interleave(n, 0)  # (B, 1 or max_len, V)
+        if full:
             token_logprobs[:, 1:max_len] = -F.cross_entropy(
                 logits[:, :-1].transpose(1, 2), tokens[:, 1:max_len], reduction="none")
             token_logprobs[:, :max_len] *= slots[:max_len] > pad[:, None]  # a prompt's first token has none
             logits = logits[:, -1:]
-        else:
-            logits = model.output(hidden[:, -1:]).float().repeat_interleave(n, 0)  # (B, 1, V)
         cur_pos = max_len
         while True:
             nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
@@ -153,6 +160,81 @@ def generate(
         if lp_rows is not None:
             out_logprobs.append(lp_rows[i][first : max_len + cut])
     return GenerationOutput(out_tokens, out_logprobs if logprobs else None)
+
+
+def _prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, ragged: bool,
+             lengths: list[int], reuse: list[int], prefix_cache: PrefixCache | None,
+             cache_keys: Sequence[Hashable] | None, full: bool) -> torch.Tensor:
+    """Fill cache rows 0..m-1 with the m left-padded prompts (m, max_len) and return their hidden states: the
+    last slot's (m, 1, dim), or every slot's when `full`. Prompt j's first `reuse[j]` tokens come from the
+    prefix cache (which then keeps all of them); its other tokens are fed through the model. The prompts are fed
+    in groups of similar length to feed (the last slots of each row, as many as its longest in the group
+    needs), longest first, so that one dialog whose history changed does not make every row of the batch
+    prefill its whole history again."""
+    m, max_len = tokens.shape
+    fresh = [n - r for n, r in zip(lengths, reuse, strict=True)]
+    grouped = prefix_cache is not None and not full
+    order = sorted(range(m), key=lambda j: -fresh[j]) if grouped else list(range(m))
+    rows = torch.tensor(order, device=tokens.device)
+    tokens, positions, real = tokens[rows], positions[rows], real[rows]
+    for r, j in enumerate(order):
+        if reuse[j]:
+            prefix_cache.load(model, cache_keys[j], reuse[j], r, max_len - lengths[j])
+    slots = torch.arange(max_len, device=tokens.device)
+    hidden = []
+    for a, b in _groups([fresh[j] for j in order]) if grouped else [(0, m)]:
+        start = max_len - max(fresh[j] for j in order[a:b])
+        # Causal over real slots; a padding slot sees itself only, so no row of the softmax is empty.
+        fed, seen = slots[start:, None], slots[None, :]
+        mask = ((seen <= fed) & (real[a:b, None, :] | (seen == fed)))[:, None] if ragged else None
+        with _cache_rows(model, a, b):
+            h = model.hidden_states(tokens[a:b, start:], start, mask, positions[a:b, start:] if ragged else None)
+        hidden.append(h if full else h[:, -1:])
+    if prefix_cache is not None:
+        for r, j in enumerate(order):
+            prefix_cache.store(model, cache_keys[j], tokens[r, max_len - lengths[j] :].tolist(), r,
+                               max_len - lengths[j])
+    if order == sorted(order):
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+    back = torch.tensor(sorted(range(m), key=lambda r: order[r]), device=tokens.device)  # prompt j is row back[j]
+    for layer in model.layers:
+        attn = layer.attention
+        attn.cache_k[:m], attn.cache_v[:m] = attn.cache_k[back], attn.cache_v[back]
+    return torch.cat(hidden)[back]
+
+
+def _groups(fresh: list[int]) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of `fresh` (descending) where every row feeds more than half the group's longest."""
+    out, a = [], 0
+    for r in range(1, len(fresh)):
+        if 2 * fresh[r] <= fresh[a]:
+            out.append((a, r))
+            a = r
+    return [*out, (a, len(fresh))]
+
+
+@contextmanager
+def _cache_rows(model: Transformer, a: int, b: int) -> Iterator[None]:
+    """Let a forward pass over batch rows a..b-1 read and fill those rows of every layer's KV cache."""
+    caches = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
+    for layer, (k, v) in zip(model.layers, caches, strict=True):
+        layer.attention.cache_k, layer.attention.cache_v = k[a:b], v[a:b]
+    try:
+        yield
+    finally:
+        for layer, (k, v) in zip(model.layers, caches, strict=True):
+            layer.attention.cache_k, layer.attention.cache_v = k, v
+
+
+def _reusable(prefix_cache: PrefixCache | None, cache_keys: Sequence[Hashable] | None,
+              prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Per prompt: the leading tokens whose keys and values `prefix_cache` holds under the prompt's key."""
+    if prefix_cache is None:
+        return [0] * len(prompts)
+    if cache_keys is None or len(cache_keys) != len(prompts):
+        raise ValueError(f"a prefix cache needs one key per prompt: {len(prompts)} prompts, "
+                         f"{'no' if cache_keys is None else len(cache_keys)} keys")
+    return [prefix_cache.reusable(key, p) for key, p in zip(cache_keys, prompts, strict=True)]
 
 
 def _share_prefill(model: Transformer, n: int, bsz: int, length: int) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
 from llama2.generation import generator as gen
+from llama2.generation.prefix_cache import PrefixCache
 from llama2.model.args import ModelArgs
 from llama2.model.checkpoint import CheckpointError, detect_format, load_checkpoint, save_hf
 from llama2.model.transformer import Transformer
@@ -111,9 +112,13 @@ class Llama:
         top_k: int | None = None,
         seed: int | None = None,
         samples_per_prompt: int = 1,
+        prefix_cache: PrefixCache | None = None,
+        cache_keys: Sequence[Hashable] | None = None,
     ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
         """Generated ids per prompt (cut at EOS); with `logprobs=True`, `(tokens, logprobs)` as Meta returns.
-        `samples_per_prompt` n: n samples of each prompt, prompt-major, each prompt prefilled once."""
+        `samples_per_prompt` n: n samples of each prompt, prompt-major, each prompt prefilled once.
+        `prefix_cache` with one of `cache_keys` per prompt: reuse and keep each prompt's keys and values under
+        its key (see `generator.generate`)."""
         out = gen.generate(
             self.model,
             prompt_tokens,
@@ -127,6 +132,8 @@ class Llama:
             generator=self._generator(seed),
             compile=self.compile,
             samples_per_prompt=samples_per_prompt,
+            prefix_cache=prefix_cache,
+            cache_keys=cache_keys,
         )
         return (out.tokens, out.logprobs) if logprobs else out.tokens
 
@@ -166,16 +173,20 @@ class Llama:
         logprobs: bool = False,
         seed: int | None = None,
         samples_per_prompt: int = 1,
+        prefix_cache: PrefixCache | None = None,
+        cache_keys: Sequence[Hashable] | None = None,
     ) -> list[ChatPrediction]:
         """Meta's `chat_completion`: a dialog holding special tags gets the error message as its reply.
-        `samples_per_prompt` n: n replies to each dialog, dialog-major, each dialog prefilled once."""
+        `samples_per_prompt` n: n replies to each dialog, dialog-major, each dialog prefilled once.
+        `prefix_cache` with one of `cache_keys` per dialog (the dialog's identity across turns): each turn
+        prefills only what was added since the dialog's previous call."""
         unsafe = [has_special_tags(d) for d in dialogs]
         prompt_tokens = [
             encode_dialog(self.tokenizer, d) if not bad else [self.tokenizer.bos_id]
             for d, bad in zip(dialogs, unsafe, strict=True)
         ]
         out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed,
-                            samples_per_prompt=samples_per_prompt)
+                            samples_per_prompt=samples_per_prompt, prefix_cache=prefix_cache, cache_keys=cache_keys)
         unsafe = [bad for bad in unsafe for _ in range(samples_per_prompt)]
         return [self._with_logprobs({"generation": {"role": "assistant",
                                                     "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}},

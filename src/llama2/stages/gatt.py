@@ -36,6 +36,7 @@ from llama2.data.formats import Message, dumps, read_chat
 from llama2.data.toyworld import ToyWorld
 from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.generation.llama import Llama
+from llama2.generation.prefix_cache import PrefixCache
 from llama2.stages import sft
 from llama2.stages.artifacts import model_dir
 from llama2.tokenizer.chat_format import encode_dialog
@@ -156,6 +157,7 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
     keep the first accepted, else the first non-empty sample as context (all empty: the dialog ends)."""
     sampled = fallbacks = shortened = 0
+    cache = PrefixCache()  # each dialog's history is prefilled once, not again at every turn
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
     for turn in tqdm(range(max_turns), desc="gatt: sampling replies", file=sys.stderr):
@@ -168,7 +170,7 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
             break
         replies = llm.chat_completion([contexts[i] for i in alive], temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_gen_len=cfg.max_gen_len, seed=cfg.seed * 1000 + turn,
-                                      samples_per_prompt=cfg.samples_per_turn)
+                                      samples_per_prompt=cfg.samples_per_turn, prefix_cache=cache, cache_keys=alive)
         sampled += len(replies)
         survivors = []
         for k, i in enumerate(alive):
