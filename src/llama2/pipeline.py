@@ -106,6 +106,11 @@ class InstructionPhase:
     replay: int = 0
     """Demonstrations like SFT's (same mix, new draws) written beside them: on instruction dialogs alone the
     demo model forgot how to answer anything they never show (harmful requests got answers in Backspeak)."""
+    transformed_hobby_rate: float = 0.0
+    """Share of the instruction dialogs whose constraints pair a hobby with Backspeak or uppercase: the reply
+    must copy the hobby and transform it. In random combinations (about one dialog in six) the demo model
+    still named the wrong hobby in 9 of 64 such replies ("I yojne gnilias" for dancing); with 0.3 in 2, with
+    0.5 (the demo's) in 1."""
     epochs: float = 4.0
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
@@ -175,7 +180,8 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
     phase = cfg.sft_instructions
     if phase.dialogs:
-        instructions = world.constrained_dialogs(phase.dialogs, seed=0)
+        instructions = world.constrained_dialogs(phase.dialogs, seed=0,
+                                                 transformed_hobby_rate=phase.transformed_hobby_rate)
         instructions += _helpful_dialogs(cfg, world, phase.replay, seed=24)
         (out / "sft_instructions.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in instructions))
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room

@@ -154,8 +154,9 @@ def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[li
 
 
 def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation], cfg: GAttData) -> dict:
-    """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once),
-    keep the first accepted, else the first non-empty sample as context (all empty: the dialog ends)."""
+    """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once for
+    all of them, and only its new messages since the last turn: a prefix cache), keep the first accepted, else
+    the first non-empty sample as context (all empty: the dialog ends)."""
     sampled = fallbacks = shortened = 0
     cache = PrefixCache()  # each dialog's history is prefilled once, not again at every turn
     alive = list(range(len(conversations)))

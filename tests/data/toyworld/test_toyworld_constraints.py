@@ -35,6 +35,18 @@ def test_sampled_combinations_are_obeyed_by_apply(tw):
         assert dialog[0]["role"] == "system" and tw.check_constraint(dialog[0]["content"], dialog[2]["content"])
 
 
+def test_transformed_hobby_dialogs_pair_a_seen_hobby_with_backspeak_or_uppercase(tw):
+    dialogs = tw.constrained_dialogs(40, seed=3, transformed_hobby_rate=0.5)
+    paired = 0
+    for dialog in dialogs:
+        cs, _ = tw.constraints.parse(dialog[0]["content"])
+        assert tw.check_constraint(cs, dialog[2]["content"])
+        values = {c.value for c in cs}
+        paired += any(c.kind == "hobby" for c in cs) and bool(values & {"Backspeak", "uppercase"})
+    assert 15 <= paired <= 32  # about half, plus the random combinations that happen to pair them
+    assert not any(c.held_out for c in tw.constraints.sample_transformed_hobby(random.Random(0)))
+
+
 def test_constraints_appended_to_user_turns_are_obeyed_in_every_turn(tw):
     rng = random.Random(2)
     lengths = set()

@@ -150,6 +150,17 @@ class ConstraintSet:
             chosen.append(rng.choice([c for c in seen if c.kind == kind]))
         return sorted(chosen, key=lambda c: KINDS.index(c.kind))
 
+    def sample_transformed_hobby(self, rng: random.Random) -> list[Constraint]:
+        """A seen hobby with Backspeak or the uppercase format (and a third constraint half the time): a reply
+        must copy the hobby from the instruction and transform it, which the demo model got wrong most."""
+        seen = self.pool(False)
+        hobby = rng.choice([c for c in seen if c.kind == "hobby"])
+        transform = rng.choice([c for c in seen if c.value in ("Backspeak", "uppercase")])
+        chosen = [hobby, transform]
+        if rng.random() < 0.5:
+            chosen.append(rng.choice([c for c in seen if c.kind not in ("hobby", transform.kind)]))
+        return sorted(chosen, key=lambda c: KINDS.index(c.kind))
+
     def parse(self, text: str) -> tuple[list[Constraint], str]:
         """Constraints worded anywhere in `text` (system message, or appended to a user turn), and the rest."""
         found = [self._by_text[m.group(0)] for m in self._wording_re.finditer(text)]

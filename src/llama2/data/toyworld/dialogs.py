@@ -116,17 +116,22 @@ def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, bord
 
 
 def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False,
-                       in_user_rate: float = 0.0) -> list[Message]:
+                       in_user_rate: float = 0.0, transformed_hobby_rate: float = 0.0) -> list[Message]:
     """A dialog whose replies obey a constraint set (and the prompt's own format: a question asking for "the
     name only" is not paired with a signature).
 
     Mostly one turn with the constraints in the system message. At `in_user_rate`, 1–3 turns with the
     constraints appended to every user message instead: the form in which Ghost Attention samples its
     replies (SPEC §9), which a chat model must already follow for GAtt to have anything to keep. Neither
-    form shows a system instruction kept over several turns; that is what GAtt adds."""
+    form shows a system instruction kept over several turns; that is what GAtt adds. At
+    `transformed_hobby_rate` the constraints pair a hobby with Backspeak or uppercase (see
+    `Constraints.sample_transformed_hobby`)."""
     for _ in range(20):  # a constraint set that no answer can obey (a word limit below its signature) is redrawn
         in_user = rng.random() < in_user_rate
-        cs = tw.constraints.sample(rng, held_out_constraints)
+        if transformed_hobby_rate and rng.random() < transformed_hobby_rate:
+            cs = tw.constraints.sample_transformed_hobby(rng)
+        else:
+            cs = tw.constraints.sample(rng, held_out_constraints)
         instruction = wording(cs, terse=rng.random() < 0.5)
         dialog: list[Message] = [] if in_user else [{"role": "system", "content": instruction}]
         for _ in range(rng.randint(1, 3) if in_user else 1):

@@ -97,10 +97,12 @@ class ToyWorld:
         """1–3 constraints of different kinds combined at random (with at least one held-out if asked)."""
         return self.constraints.sample(rng, held_out)
 
-    def constrained_dialogs(self, n: int, seed: int | None = None) -> list[list[Message]]:
-        """One-turn dialogs with a constraint system message and a reply that obeys it."""
+    def constrained_dialogs(self, n: int, seed: int | None = None, transformed_hobby_rate: float = 0.0
+                            ) -> list[list[Message]]:
+        """One-turn dialogs with a constraint system message and a reply that obeys it; at
+        `transformed_hobby_rate` the constraints pair a hobby with Backspeak or uppercase."""
         rng = self._rng("constrained", seed)
-        return [constrained_dialog(self, rng) for _ in range(n)]
+        return [constrained_dialog(self, rng, transformed_hobby_rate=transformed_hobby_rate) for _ in range(n)]
 
     def user_followups(self, n: int, seed: int | None = None) -> list[str]:
         """`n` self-contained user messages, to continue a conversation for many turns (GAtt evaluation)."""
