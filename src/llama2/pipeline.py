@@ -109,8 +109,10 @@ class InstructionPhase:
     transformed_hobby_rate: float = 0.0
     """Share of the instruction dialogs whose constraints pair a hobby with Backspeak or uppercase: the reply
     must copy the hobby and transform it. In random combinations (about one dialog in six) the demo model
-    still named the wrong hobby in 9 of 64 such replies ("I yojne gnilias" for dancing); with 0.3 in 2, with
-    0.5 (the demo's) in 1."""
+    named the wrong hobby in 9 of 64 such replies ("I yojne gnilias" for dancing), with 0.5 in 1, and GAtt
+    kept instructions better (mean over 20 turns 0.81 -> 0.86); but the demo's helpfulness fell at every
+    stage from SFT on (0.679 -> 0.541 after SFT) and held-out constraints were kept less (0.50 -> 0.28), so
+    the demo leaves it at 0."""
     epochs: float = 4.0
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
