@@ -25,9 +25,6 @@ class PrefixCache:
     def __init__(self) -> None:
         self._entries: dict[Hashable, tuple[list[int], torch.Tensor]] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def reusable(self, key: Hashable, ids: Sequence[int]) -> int:
         """Leading tokens of `ids` whose keys and values are stored under `key`; at most all but the last,
         which is always fed to get the next token's logits."""
@@ -52,6 +49,3 @@ class PrefixCache:
         attns = [layer.attention for layer in model.layers]
         kv = torch.stack([torch.stack((a.cache_k[row, :, slot:end], a.cache_v[row, :, slot:end])) for a in attns])
         self._entries[key] = (list(ids), kv)
-
-    def forget(self, key: Hashable) -> None:
-        self._entries.pop(key, None)

@@ -125,7 +125,7 @@ def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: b
     replies (SPEC §9), which a chat model must already follow for GAtt to have anything to keep. Neither
     form shows a system instruction kept over several turns; that is what GAtt adds. At
     `transformed_hobby_rate` the constraints pair a hobby with Backspeak or uppercase (see
-    `Constraints.sample_transformed_hobby`)."""
+    `ConstraintSet.sample_transformed_hobby`)."""
     for _ in range(20):  # a constraint set that no answer can obey (a word limit below its signature) is redrawn
         in_user = rng.random() < in_user_rate
         if transformed_hobby_rate and rng.random() < transformed_hobby_rate:
