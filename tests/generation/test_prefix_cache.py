@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama2 import ModelArgs, Transformer
-from llama2.generation.generator import GenerationOutput, generate
+from llama2.generation.generator import GenerationOutput, generate, stream
 from llama2.generation.prefix_cache import PrefixCache
 
 
@@ -76,3 +76,21 @@ def test_a_prefix_cache_needs_one_key_per_prompt_and_no_echoed_logprobs():
     generate(model, [[1, 2, 3]], 2, [], prefix_cache=cache, cache_keys=[0])
     with pytest.raises(ValueError, match="echo with logprobs"):
         generate(model, [[1, 2, 3, 4]], 2, [], logprobs=True, echo=True, prefix_cache=cache, cache_keys=[0])
+
+
+def test_streaming_a_conversation_prefills_each_turn_once():
+    model = _model()
+    cache = PrefixCache()
+    history = [1, 4, 9, 16, 25]
+    fed: list[int] = []
+    handle = model.norm.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0].shape[1]))
+    try:
+        for turn in range(3):
+            fed.clear()
+            cached = list(stream(model, history, 6, [], temperature=0, prefix_cache=cache))
+            prefilled = fed[0]
+            assert cached == list(stream(model, history, 6, [], temperature=0))
+            assert prefilled == (len(history) if turn == 0 else 2 + 3)  # the reply's 2 tokens and 3 new ones
+            history = [*history, *cached[:2], 5, 6, 7]
+    finally:
+        handle.remove()

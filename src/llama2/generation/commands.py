@@ -60,9 +60,12 @@ HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
 def run_chat(llm, system: str | None, read=input, write=None, **kwargs) -> None:
-    """The chat loop, with input and output injectable so tests can drive it."""
+    """The chat loop, with input and output injectable so tests can drive it. Each turn prefills only the new
+    messages: the conversation's keys and values are kept in a prefix cache between turns."""
+    from llama2.generation.prefix_cache import PrefixCache
     from llama2.tokenizer.chat_format import DialogError
 
+    cache = PrefixCache()
     write = write or (lambda s: print(s, end="", flush=True))
     dialog = [{"role": "system", "content": system}] if system else []
     write(HELP + "\n")
@@ -85,7 +88,7 @@ def run_chat(llm, system: str | None, read=input, write=None, **kwargs) -> None:
         write("assistant> ")
         reply = []
         try:
-            for piece in llm.chat_stream(turn, **kwargs):
+            for piece in llm.chat_stream(turn, prefix_cache=cache, **kwargs):
                 reply.append(piece)
                 write(piece)
         except DialogError as exc:

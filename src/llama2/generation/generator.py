@@ -268,18 +268,26 @@ def stream(
     top_p: float = 0.9,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    prefix_cache: PrefixCache | None = None,
+    cache_key: Hashable = 0,
 ) -> Iterator[int]:
-    """Yield generated ids one at a time for a single prompt; stops at a stop id (not yielded)."""
+    """Yield generated ids one at a time for a single prompt; stops at a stop id (not yielded). With a
+    `prefix_cache`, the prompt's prefix stored under `cache_key` is not prefilled again and the prompt is
+    stored in its place: a chat's next turn prefills only what was said since."""
     args = model.args
     _validate_prompts([prompt], args.vocab_size, args.max_seq_len)
     device = model.output.weight.device
     total_len = min(args.max_seq_len, len(prompt) + max_gen_len)
     model.setup_cache(1, total_len)
     try:
-        x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-        pos = 0
+        pos = prefix_cache.reusable(cache_key, prompt) if prefix_cache is not None else 0
+        if pos:
+            prefix_cache.load(model, cache_key, pos, 0, 0)
+        x = torch.tensor([list(prompt[pos:])], dtype=torch.long, device=device)
         for cur in range(len(prompt), total_len):
             logits = model(x, start_pos=pos)
+            if prefix_cache is not None and cur == len(prompt):
+                prefix_cache.store(model, cache_key, prompt, 0, 0)
             nxt = int(next_token(logits[:, -1], temperature, top_p, top_k, generator)[0])
             if nxt in stop_ids:
                 return

@@ -200,8 +200,10 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         seed: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> Iterator[str]:
-        """Text increments for one prompt as they are generated."""
+        """Text increments for one prompt as they are generated; with a `prefix_cache` (one per
+        conversation), only what the prompt adds to the previous one is prefilled."""
         ids = gen.stream(
             self.model,
             prompt_tokens,
@@ -210,6 +212,7 @@ class Llama:
             temperature=temperature,
             top_p=top_p,
             generator=self._generator(seed),
+            prefix_cache=prefix_cache,
         )
         return detokenize_stream(self.tokenizer, ids)
 
@@ -220,8 +223,10 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         seed: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> Iterator[str]:
-        """The streaming form of `chat_completion` for one dialog."""
+        """The streaming form of `chat_completion` for one dialog (`prefix_cache`: see `stream_tokens`)."""
         if has_special_tags(dialog):
             return iter([UNSAFE_ERROR])
-        return self.stream_tokens(encode_dialog(self.tokenizer, dialog), max_gen_len, temperature, top_p, seed)
+        return self.stream_tokens(encode_dialog(self.tokenizer, dialog), max_gen_len, temperature, top_p, seed,
+                                  prefix_cache)
