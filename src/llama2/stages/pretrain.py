@@ -21,7 +21,7 @@ from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.loop import TrainConfig, Trainer, TrainResult
 from llama2.training.losses import causal_lm_loss
-from llama2.training.parallel import DistEnv, broadcast_object, close_distributed, init_distributed
+from llama2.training.parallel import DistEnv, barrier, broadcast_object, close_distributed, init_distributed
 
 
 @dataclass
@@ -130,6 +130,7 @@ def run(cfg: Config) -> TrainResult:
         result = trainer.fit()
         if env.is_main:
             _summary(result, trainer, time.perf_counter() - started)
+        barrier(env)  # all processes done before any closes its connections (see `close_distributed`)
         return result
     finally:
         close_distributed()
