@@ -85,7 +85,8 @@ def generate(
     if n < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
     reuse = _reusable(prefix_cache, cache_keys, prompts)
-    if echo and logprobs and any(reuse):
+    full = echo and logprobs  # every prompt slot's logits, not only the last one's
+    if full and any(reuse):
         raise ValueError("echo with logprobs scores every prompt token, so it cannot reuse a prefix cache")
     prompts = [p for p in prompts for _ in range(n)]
     bsz = len(prompts)
@@ -114,13 +115,12 @@ def generate(
     else:
         step_mask = F.pad(real, (0, step.cache_len - width), value=True)[:, None, None, :]  # (B, 1, 1, cache)
     ragged = bool((pad > 0).any())  # equal lengths (batch 1 included): plain causal attention, no mask
-    full = echo and token_logprobs is not None  # every prompt slot's logits, not only the last one's
     try:
-        # Each prompt once (rows 0, n, 2n, ...); its KV cache is then copied to the n rows that sample it.
-        hidden = _prefill(model, tokens[::n, :max_len], positions[::n, :max_len], real[::n, :max_len], ragged,
-                          [len(p) for p in prompts[::n]], reuse, prefix_cache, cache_keys, full)
-        if n > 1:
-            _share_prefill(model, n, bsz, max_len)
+        # Each prompt once (rows 0..m-1, in the order `_prefill` fed them); its KV cache is then copied to the n
+        # rows that sample it (prompt-major).
+        hidden, fed_row = _prefill(model, tokens[::n, :max_len], positions[::n, :max_len], real[::n, :max_len],
+                                   ragged, [len(p) for p in prompts[::n]], reuse, prefix_cache, cache_keys, full)
+        _arrange_cache_rows(model, fed_row.repeat_interleave(n), max_len)
         logits = model.output(hidden).float().repeat_interleave(n, 0)  # (B, 1 or max_len, V)
         if full:
             token_logprobs[:, 1:max_len] = -F.cross_entropy(
@@ -164,13 +164,14 @@ def generate(
 
 def _prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, ragged: bool,
              lengths: list[int], reuse: list[int], prefix_cache: PrefixCache | None,
-             cache_keys: Sequence[Hashable] | None, full: bool) -> torch.Tensor:
-    """Fill cache rows 0..m-1 with the m left-padded prompts (m, max_len) and return their hidden states: the
-    last slot's (m, 1, dim), or every slot's when `full`. Prompt j's first `reuse[j]` tokens come from the
-    prefix cache (which then keeps all of them); its other tokens are fed through the model. The prompts are fed
-    in groups of similar length to feed (the last slots of each row, as many as its longest in the group
-    needs), longest first, so that one dialog whose history changed does not make every row of the batch
-    prefill its whole history again."""
+             cache_keys: Sequence[Hashable] | None, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill cache rows 0..m-1 with the m left-padded prompts (m, max_len); return their hidden states in prompt
+    order (the last slot's (m, 1, dim), or every slot's when `full`) and, per prompt, the cache row that holds
+    it (rows are in feeding order). Prompt j's first `reuse[j]` tokens come from the prefix cache (which then
+    keeps all of them); its other tokens are fed through the model. With a prefix cache the prompts are fed in
+    groups of similar length to feed (the last slots of each row, as many as its longest in the group needs),
+    longest first, so that one dialog whose history changed does not make every row of the batch prefill its
+    whole history again."""
     m, max_len = tokens.shape
     fresh = [n - r for n, r in zip(lengths, reuse, strict=True)]
     grouped = prefix_cache is not None and not full
@@ -194,13 +195,8 @@ def _prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, 
         for r, j in enumerate(order):
             prefix_cache.store(model, cache_keys[j], tokens[r, max_len - lengths[j] :].tolist(), r,
                                max_len - lengths[j])
-    if order == sorted(order):
-        return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-    back = torch.tensor(sorted(range(m), key=lambda r: order[r]), device=tokens.device)  # prompt j is row back[j]
-    for layer in model.layers:
-        attn = layer.attention
-        attn.cache_k[:m], attn.cache_v[:m] = attn.cache_k[back], attn.cache_v[back]
-    return torch.cat(hidden)[back]
+    fed_row = torch.tensor(sorted(range(m), key=lambda r: order[r]), device=tokens.device)  # prompt j's row
+    return torch.cat(hidden)[fed_row], fed_row
 
 
 def _groups(fresh: list[int]) -> list[tuple[int, int]]:
@@ -237,12 +233,15 @@ def _reusable(prefix_cache: PrefixCache | None, cache_keys: Sequence[Hashable] |
     return [prefix_cache.reusable(key, p) for key, p in zip(cache_keys, prompts, strict=True)]
 
 
-def _share_prefill(model: Transformer, n: int, bsz: int, length: int) -> None:
-    """Copy the prefilled cache rows 0..bsz/n-1 to rows 0..bsz-1, each n times (prompt-major)."""
+def _arrange_cache_rows(model: Transformer, source: torch.Tensor, length: int) -> None:
+    """Cache row i's first `length` slots become those of row `source[i]`, for every layer (a copy of rows; a
+    no-op when every row keeps its own)."""
+    if torch.equal(source, torch.arange(len(source), device=source.device)):
+        return
     for layer in model.layers:
         attn = layer.attention
         for cache in (attn.cache_k, attn.cache_v):
-            cache[:bsz, :, :length] = cache[: bsz // n, :, :length].repeat_interleave(n, 0)
+            cache[: len(source), :, :length] = cache[source, :, :length]
 
 
 def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_gen_len: int,

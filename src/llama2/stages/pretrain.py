@@ -21,7 +21,7 @@ from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.loop import TrainConfig, Trainer, TrainResult
 from llama2.training.losses import causal_lm_loss
-from llama2.training.parallel import DistEnv, barrier, broadcast_object, close_distributed, init_distributed
+from llama2.training.parallel import DistEnv, broadcast_object, distributed_run
 
 
 @dataclass
@@ -104,8 +104,7 @@ def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
 def run(cfg: Config) -> TrainResult:
     """Pretrain as configured; resumes if `out_dir` already holds a checkpoint."""
     started = time.perf_counter()
-    env = init_distributed(cfg.train.device)
-    try:
+    with distributed_run(cfg.train.device) as env:
         # 1. tokenizer and model shape
         tokenizer = Tokenizer(cfg.data.tokenizer)
         args = cfg.model.build_args(tokenizer.n_words)
@@ -130,10 +129,7 @@ def run(cfg: Config) -> TrainResult:
         result = trainer.fit()
         if env.is_main:
             _summary(result, trainer, time.perf_counter() - started)
-        barrier(env)  # all processes done before any closes its connections (see `close_distributed`)
         return result
-    finally:
-        close_distributed()
 
 
 def _summary(result: TrainResult, trainer: Trainer, seconds: float) -> None:

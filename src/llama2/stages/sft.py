@@ -26,7 +26,7 @@ from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.loop import TrainConfig, Trainer, TrainResult, fit_batches
 from llama2.training.losses import packed_chat_loss
-from llama2.training.parallel import barrier, close_distributed, init_distributed
+from llama2.training.parallel import distributed_run
 
 
 @dataclass
@@ -101,8 +101,7 @@ def run(cfg: Config) -> TrainResult:
     started = time.perf_counter()
     if not cfg.data.train_files:
         raise ValueError("sft: data.train_files is empty; give at least one chat jsonl file")
-    env = init_distributed(cfg.train.device)
-    try:
+    with distributed_run(cfg.train.device) as env:
         # 1. the starting model and its tokenizer
         source = model_dir(cfg.init_from)
         tokenizer = Tokenizer(find_tokenizer(source))
@@ -133,7 +132,4 @@ def run(cfg: Config) -> TrainResult:
             print(f"sft: {result.step} steps ({cfg.epochs:g} epochs of {len(packed)} windows) in "
                   f"{time.perf_counter() - started:.1f}s; final loss {result.final_loss}; model in "
                   f"{result.checkpoint / 'model' if result.checkpoint else '-'}", file=sys.stderr)
-        barrier(env)  # all processes done before any closes its connections (see `close_distributed`)
         return result
-    finally:
-        close_distributed()

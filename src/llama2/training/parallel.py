@@ -10,6 +10,8 @@ gloo on CPUs). Without `torchrun` it is one plain process and nothing is wrapped
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -72,12 +74,22 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
 
 
 def close_distributed() -> None:
-    """Leave the process group. A successful run first waits at a barrier for every process: once, in CI, a
-    process that tore down its gloo connections while its peer was still finishing made the peer abort
-    ("terminate called without an active exception"). After an error the run does not wait (a failed peer
-    would never arrive) and only leaves."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_run(device: str = "auto") -> Iterator[DistEnv]:
+    """A run's process group: joined on entry, left on exit. A run that succeeds first waits at a barrier for
+    every process: once, in CI, a process that tore down its gloo connections while its peer was still
+    finishing made the peer abort ("terminate called without an active exception"). After an error it does
+    not wait (a failed peer would never arrive) and only leaves."""
+    env = init_distributed(device)
+    try:
+        yield env
+        barrier(env)
+    finally:
+        close_distributed()
 
 
 def barrier(env: DistEnv) -> None:
