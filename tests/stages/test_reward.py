@@ -7,11 +7,12 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from llama2 import ModelArgs, Tokenizer, Transformer
 from llama2.config import load_config
 from llama2.data.formats import dumps
-from llama2.model.checkpoint import save_hf
+from llama2.model.checkpoint import load_checkpoint, save_hf
 from llama2.stages import reward
 from llama2.stages.reward_models import RM_EVAL_FILE, check_rm_gate, load_reward_model
 
@@ -34,7 +35,9 @@ def metrics(run_dir):
 
 
 @pytest.mark.slow
-def test_hh_pairs_train_the_reward_model_and_lower_the_loss(tmp_path, shared_data, llama2_tokenizer_path):
+@pytest.mark.parametrize("likelihood_gate", [False, True])
+def test_hh_pairs_train_the_reward_model_and_lower_the_loss(tmp_path, shared_data, llama2_tokenizer_path,
+                                                            likelihood_gate):
     source = shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
     with gzip.open(source, "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(8)]
@@ -45,16 +48,25 @@ def test_hh_pairs_train_the_reward_model_and_lower_the_loss(tmp_path, shared_dat
     cfg = load_config(reward.Config, overrides=quiet(
         tmp_path, f"init_from={start}", f"data.train_files=[{subset}]", f"data.test_files=[{subset}]",
         "max_seq_len=64", "epochs=8", "train.global_batch_size=8", "train.micro_batch_size=8", "train.lr=2e-3",
+        f"likelihood_gate={str(likelihood_gate).lower()}",
     ))
     result = reward.run(cfg)
     rows = metrics(tmp_path / "run")
-    assert result.step == 8 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # zero head: log 2
+    assert result.step == 8
+    if not likelihood_gate:  # zero head: log 2 (the gate starts at the chat model's own preference)
+        assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     recorded = json.loads((tmp_path / "run" / RM_EVAL_FILE).read_text())
     assert recorded["test_sets"]["hh8.jsonl.gz"]["accuracy_by_rating"]["unrated"] > 0.8
     assert check_rm_gate(tmp_path / "run", 0.8, allow_weak=False) == recorded["accuracy"]
     config = json.loads((result.checkpoint / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 0
+    rm = load_reward_model(result.checkpoint / "model", device="cpu").model
+    assert (rm.likelihood_gate is not None) == likelihood_gate
+    if likelihood_gate:  # trained around the chat model's predictions, never into them
+        start_head = load_checkpoint(start, Tokenizer(llama2_tokenizer_path).n_words).output.weight
+        assert torch.equal(rm.trunk.output.weight, start_head)
+        assert rm.likelihood_gate.weight.any()
 
 
 @pytest.mark.slow

@@ -62,13 +62,14 @@ class FixedRewards(torch.nn.Module):
         super().__init__()
         self.rewards = torch.nn.Parameter(torch.tensor(rewards))
 
-    def forward(self, tokens, lengths):
+    def forward(self, tokens, lengths, starts):
         return self.rewards[: tokens.shape[0]]
 
 
 def test_reward_model_loss_splits_chosen_then_rejected_and_adds_the_weighted_auxiliary_term():
     model = FixedRewards([1.0, 0.0, -0.5, 0.5])  # chosen 1.0, 0.0; rejected -0.5, 0.5
     batch = {"tokens": torch.zeros(4, 3, dtype=torch.long), "lengths": torch.tensor([3, 2, 3, 1]),
+             "starts": torch.tensor([1, 1, 1, 1]),
              "margin": torch.tensor([1.0, 0.0]), "safe": torch.tensor([1, -1, 0, -1])}
     plain, metrics = reward_model_loss(model, batch)
     expected = (math.log(1 + math.exp(-(1.5 - 1.0))) + math.log(1 + math.exp(0.5))) / 2

@@ -96,6 +96,10 @@ class Config:
     """Longest prompt + response in tokens; longer ones keep BOS and their last tokens (None: model context)."""
     epochs: float = 1.0
     """Passes over the pairs (SPEC §7: 1, longer overfits); sets `train.steps`."""
+    likelihood_gate: bool = False
+    """Add the chat model's gated surprise at each response token to the scalar head's reward
+    (`ScalarHeadModel.likelihood_term`). Not in the paper: for toy-scale RMs, which otherwise learn an answer's
+    form and not whether it is right; its HF export scores the scalar part only in `transformers`."""
     margin: MarginMode = "small"
     """m(rating) of the loss (SPEC §7 Table 27): `none`, `small` (1, 2/3, 1/3, 0) or `large` (3, 2, 1, 0)."""
     safety_loss_weight: float = 0.0
@@ -118,6 +122,9 @@ class PairExample:
 
     chosen: list[int]
     rejected: list[int]
+    chosen_start: int
+    """Index of the chosen response's first id (`encode_scored`); likewise `rejected_start`."""
+    rejected_start: int
     margin: float
     chosen_safe: int
     """1 safe, 0 unsafe, −1 unlabelled (also for the rejected side)."""
@@ -141,9 +148,10 @@ def mix_pairs(main: list[PreferenceRecord], extra: list[PreferenceRecord], fract
 
 def encode_pair(tokenizer: Tokenizer, record: PreferenceRecord, margin: str, max_len: int) -> PairExample:
     safety = record.safety
+    (chosen, chosen_start), (rejected, rejected_start) = (
+        encode_scored(tokenizer, record.prompt, response, max_len) for response in (record.chosen, record.rejected))
     return PairExample(
-        encode_scored(tokenizer, record.prompt, record.chosen, max_len),
-        encode_scored(tokenizer, record.prompt, record.rejected, max_len),
+        chosen, rejected, chosen_start, rejected_start,
         rating_margin(record.rating, margin),
         -1 if safety is None else int(safety["chosen_safe"]),
         -1 if safety is None else int(safety["rejected_safe"]),
@@ -154,16 +162,17 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.T
     """The `reward_model_loss` batch: chosen rows then rejected rows, right-padded together."""
     tokens, lengths = right_pad([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
     safe = [e.chosen_safe for e in examples] + [e.rejected_safe for e in examples]
-    return {"tokens": tokens, "lengths": lengths, "margin": torch.tensor([e.margin for e in examples]),
-            "safe": torch.tensor(safe, dtype=torch.long)}
+    starts = torch.tensor([e.chosen_start for e in examples] + [e.rejected_start for e in examples])
+    return {"tokens": tokens, "lengths": lengths, "starts": starts,
+            "margin": torch.tensor([e.margin for e in examples]), "safe": torch.tensor(safe, dtype=torch.long)}
 
 
-def reward_exporter(args: ModelArgs, tokenizer_model: Path, pad_id: int) -> ModelExport:
+def reward_exporter(args: ModelArgs, tokenizer_model: Path, pad_id: int, likelihood_gate: bool) -> ModelExport:
     """Writes each checkpoint's `model/` as a HF LlamaForSequenceClassification directory."""
 
     def export(state: dict[str, torch.Tensor], path: Path) -> None:
         with torch.device("meta"):
-            model = ScalarHeadModel(Transformer(args))
+            model = ScalarHeadModel(Transformer(args), likelihood_gate)
         model.load_state_dict(state, strict=True, assign=True)
         save_scalar_head_hf(model, path, pad_id, tokenizer_model)
 
@@ -185,7 +194,8 @@ def run(cfg: Config) -> TrainResult:
         # 1. the chat model and its tokenizer, turned into a scalar-head model
         source = model_dir(cfg.init_from)
         tokenizer = Tokenizer(find_tokenizer(source))
-        model = ScalarHeadModel.from_language_model(load_checkpoint(source, tokenizer.n_words))
+        model = ScalarHeadModel.from_language_model(load_checkpoint(source, tokenizer.n_words),
+                                                     cfg.likelihood_gate)
         max_len = cfg.max_seq_len or model.args.max_seq_len
         pad_id = pad_id_for(tokenizer)
         # 2. data: own pairs + the mixed-in share of the other kind, encoded and shuffled by the sampler
@@ -211,7 +221,8 @@ def run(cfg: Config) -> TrainResult:
         resolved = replace(cfg, max_seq_len=max_len, train=train_cfg)
         trainer = Trainer(
             model, batches, partial(reward_model_loss, safety_weight=cfg.safety_loss_weight), train_cfg,
-            cfg.out_dir, env, val_batches=val, export=reward_exporter(model.args, tokenizer.model_path, pad_id),
+            cfg.out_dir, env, val_batches=val,
+            export=reward_exporter(model.args, tokenizer.model_path, pad_id, cfg.likelihood_gate),
             config_yaml=dump_config(resolved, header="resolved config; rerun with: llama2 reward --config THIS_FILE"),
             flops_per_token=model.args.flops_per_token(max_len),
         )

@@ -31,16 +31,21 @@ RM_EVAL_FILE = "rm_eval.json"
 """Where `llama2 reward` records its held-out evaluation, in the run folder and in the exported model folder."""
 
 
-def encode_scored(tokenizer: Tokenizer, prompt: Dialog, response: str, max_len: int | None = None) -> list[int]:
-    """The ids a reward model reads: the prompt as the policy saw it (`encode_dialog`) + `response </s>`.
+def encode_scored(tokenizer: Tokenizer, prompt: Dialog, response: str,
+                  max_len: int | None = None) -> tuple[list[int], int]:
+    """(ids, response start): the ids a reward model reads, the prompt as the policy saw it (`encode_dialog`)
+    + `response </s>`, and the index of the response's first id (a likelihood-gated RM reads only those).
 
     This is the inference layout, so a policy's sampled ids can be scored as generated. Longer than
     `max_len`: BOS plus the last `max_len − 1` ids, which keeps the response, its end and the nearest context.
     """
-    ids = encode_dialog(tokenizer, prompt) + tokenizer.encode(f"{response.strip()} ", bos=False, eos=True)
+    prompt_ids = encode_dialog(tokenizer, prompt)
+    ids = prompt_ids + tokenizer.encode(f"{response.strip()} ", bos=False, eos=True)
+    start = len(prompt_ids)
     if max_len is not None and len(ids) > max_len:
+        start = max(1, start - (len(ids) - max_len))
         ids = ids[:1] + ids[len(ids) - max_len + 1:]
-    return ids
+    return ids, start
 
 
 def pad_id_for(tokenizer: Tokenizer) -> int:
@@ -71,14 +76,16 @@ class RewardModel:
         return self.model.score.weight.device
 
     @torch.inference_mode()
-    def rewards_for_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
-        """Raw rewards (before sigmoid) of already-encoded sequences (`encode_scored` layout)."""
+    def rewards_for_ids(self, sequences: Sequence[Sequence[int]], starts: Sequence[int],
+                        batch_size: int = 16) -> list[float]:
+        """Raw rewards (before sigmoid) of already-encoded sequences and their response starts (`encode_scored`)."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
         values = [0.0] * len(sequences)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             tokens, lengths = right_pad([sequences[i] for i in chunk], self.pad_id)
-            scores = self.model(tokens.to(self.device), lengths.to(self.device)).tolist()
+            first = torch.tensor([starts[i] for i in chunk], device=self.device)
+            scores = self.model(tokens.to(self.device), lengths.to(self.device), first).tolist()
             for i, s in zip(chunk, scores, strict=True):
                 values[i] = s
         return values
@@ -88,8 +95,8 @@ class RewardModel:
         if len(dialogs) != len(responses):
             raise ValueError(f"{len(dialogs)} dialogs but {len(responses)} responses")
         max_len = self.model.args.max_seq_len
-        ids = [encode_scored(self.tokenizer, d, r, max_len) for d, r in zip(dialogs, responses, strict=True)]
-        return self.rewards_for_ids(ids, batch_size)
+        encoded = [encode_scored(self.tokenizer, d, r, max_len) for d, r in zip(dialogs, responses, strict=True)]
+        return self.rewards_for_ids([ids for ids, _ in encoded], [start for _, start in encoded], batch_size)
 
     def score(self, dialogs: Sequence[Dialog], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """Sigmoid-scale scores in (0, 1), the scale of the paper's thresholds (0.15 for R_c, 0.5 unsafe)."""

@@ -107,10 +107,11 @@ def safety_auxiliary_loss(rewards: torch.Tensor, safe: torch.Tensor) -> torch.Te
 def reward_model_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], safety_weight: float = 0.0
 ) -> tuple[torch.Tensor, Metrics]:
-    """The reward-model `LossFn`: batch `{"tokens": (2B, T), "lengths": (2B,), "margin": (B,), "safe": (2B,)}`,
-    chosen rows first then rejected rows, right-padded. Adds `safety_weight` × the auxiliary loss."""
+    """The reward-model `LossFn`: batch `{"tokens": (2B, T), "lengths": (2B,), "starts": (2B,), "margin": (B,),
+    "safe": (2B,)}`, chosen rows first then rejected rows, right-padded; `starts` (each response's first index)
+    is read by likelihood-gated RMs only. Adds `safety_weight` × the auxiliary loss."""
     tokens, lengths = batch["tokens"], batch["lengths"]
-    rewards = model(tokens, lengths)  # (2B,)
+    rewards = model(tokens, lengths, batch["starts"])  # (2B,)
     chosen, rejected = rewards.chunk(2)
     loss, metrics = preference_loss(chosen, rejected, batch["margin"])
     if safety_weight > 0:
