@@ -30,16 +30,17 @@ from llama2.model.checkpoint import CheckpointError, args_from_hf_config, hf_con
 from llama2.model.transformer import Transformer
 
 HEAD_FILE = "model-score.safetensors"
+"""The head's own weight file when the trunk is sharded, listed in the index beside the shards."""
 GATE_CONFIG_KEY = "llama2_likelihood_gate"
 """config.json flag of a reward model saved with a likelihood gate."""
 GATE_SCALE = 30.0
 """The gate's output multiplier. AdamW moves each weight by about `lr` a step whatever its gradient, so a gate
 started at zero barely moves in a short RM run at the trunk's learning rate; the multiplier gives it a 30×
-larger step (demo RM: held-out accuracy 0.671 against 0.645 with no multiplier, 0.624 at 100×)."""
+larger step (demo pairs, one run each: held-out accuracy 0.671, against 0.645 with no multiplier and
+0.624 at 100×)."""
 GATE_START = 0.127
 """Weight of every response token's surprise before training (softplus(−2)): small, so the RM starts close to
 a plain scalar head, and not zero, so the gate gets a gradient from the first step."""
-"""The head's own weight file when the trunk is sharded, listed in the index beside the shards."""
 
 
 class _NoLMHead(nn.Module):
@@ -119,8 +120,9 @@ class ScalarHeadModel(nn.Module):
         """Σ over response tokens of gate(h_{t−1}) · (log p(x_t) − max log p), under the frozen LM head.
 
         Why: a small RM fine-tuned on a few thousand pairs learns what a good answer looks like, not whether
-        it is right (toy demo: 0.49 on same-form right-vs-wrong arithmetic pairs, 0.68 on facts), although the
-        chat model it starts from ranks the right fact first 97% of the time. The chat model's surprise at a
+        it is right (toy demo: 0.49 on arithmetic pairs of two plain answers, neither a refusal nor padded,
+        and 0.68 on such fact pairs), although the chat model it starts from ranks the right fact first 97%
+        of the time. The chat model's surprise at a
         token says exactly that; the gate, read from the state that predicted the token, learns which tokens'
         surprise matters (an answer's name or number) and which does not (a choice among phrasings).
         """

@@ -81,8 +81,8 @@ class RewardModel:
         """Raw rewards (before sigmoid) of already-encoded sequences and their response starts (`encode_scored`)."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
         values = [0.0] * len(sequences)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for begin in range(0, len(order), batch_size):
+            chunk = order[begin : begin + batch_size]
             tokens, lengths = right_pad([sequences[i] for i in chunk], self.pad_id)
             first = torch.tensor([starts[i] for i in chunk], device=self.device)
             scores = self.model(tokens.to(self.device), lengths.to(self.device), first).tolist()
