@@ -14,20 +14,22 @@ from llama2.model.heads import GATE_SCALE, GATE_START, ScalarHeadModel, load_sca
 PAD = 0
 
 
-def tiny_rm(vocab_size: int = 320, seed: int = 0) -> ScalarHeadModel:
+def tiny_lm(vocab_size: int = 320, seed: int = 0, max_seq_len: int = 256) -> Transformer:
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16,
-                     max_seq_len=256)
+                     max_seq_len=max_seq_len)
     lm = Transformer(args)
     lm.init_weights(seed)
-    rm = ScalarHeadModel.from_language_model(lm)
+    return lm
+
+
+def tiny_rm(vocab_size: int = 320, seed: int = 0) -> ScalarHeadModel:
+    rm = ScalarHeadModel.from_language_model(tiny_lm(vocab_size, seed))
     torch.nn.init.normal_(rm.score.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
     return rm
 
 
 def test_from_language_model_drops_the_lm_head_and_zero_initialises_the_score():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=64)
-    lm = Transformer(args)
-    lm.init_weights(0)
+    lm = tiny_lm(max_seq_len=64)
     tokens = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0))
     expected_hidden = lm.hidden_states(tokens)
     rm = ScalarHeadModel.from_language_model(lm)
@@ -79,10 +81,7 @@ def test_hf_sequence_classifier_gives_the_same_scores(tmp_path, tiny_tokenizer_p
 
 def gated_rm(vocab_size: int = 320, seed: int = 0) -> tuple[ScalarHeadModel, Transformer]:
     """A likelihood-gated RM with random score and gate weights, and an untouched copy of its chat model."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16,
-                     max_seq_len=256)
-    lm = Transformer(args)
-    lm.init_weights(seed)
+    lm = tiny_lm(vocab_size, seed)
     chat = copy.deepcopy(lm)
     rm = ScalarHeadModel.from_language_model(lm, likelihood_gate=True)
     gen = torch.Generator().manual_seed(seed)
@@ -92,9 +91,7 @@ def gated_rm(vocab_size: int = 320, seed: int = 0) -> tuple[ScalarHeadModel, Tra
 
 
 def test_likelihood_gate_starts_small_and_keeps_the_chat_models_lm_head_frozen():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=64)
-    lm = Transformer(args)
-    lm.init_weights(0)
+    lm = tiny_lm(max_seq_len=64)
     chat = copy.deepcopy(lm)
     rm = ScalarHeadModel.from_language_model(lm, likelihood_gate=True)
     assert not rm.trunk.output.weight.requires_grad and torch.equal(rm.trunk.output.weight, chat.output.weight)

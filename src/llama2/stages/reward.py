@@ -37,7 +37,7 @@ from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.checkpointing import ModelExport
 from llama2.training.loop import TrainConfig, Trainer, TrainResult, fit_batches
 from llama2.training.losses import rating_margin, reward_model_loss
-from llama2.training.parallel import close_distributed, init_distributed
+from llama2.training.parallel import distributed_run
 
 MarginMode = Literal["none", "small", "large"]
 
@@ -189,8 +189,7 @@ def run(cfg: Config) -> TrainResult:
     started = time.perf_counter()
     if not cfg.data.train_files:
         raise ValueError("reward: data.train_files is empty; give at least one preference file")
-    env = init_distributed(cfg.train.device)
-    try:
+    with distributed_run(cfg.train.device) as env:
         # 1. the chat model and its tokenizer, turned into a scalar-head model
         source = model_dir(cfg.init_from)
         tokenizer = Tokenizer(find_tokenizer(source))
@@ -236,8 +235,6 @@ def run(cfg: Config) -> TrainResult:
                   f"{result.final_loss}; model in {result.checkpoint / 'model' if result.checkpoint else '-'}",
                   file=sys.stderr)
         return result
-    finally:
-        close_distributed()
 
 
 def evaluate_run(cfg: Config, rm_dir: Path) -> dict:
