@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,11 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     for model in saved["models"].values():
         for key in ("helpfulness", "violation_rate", "false_refusal_rate"):
             assert 0.0 <= model[key] <= 1.0
+        assert model["prompts"]["helpful"] == cfg.evaluation.helpful_prompts != model["prompts"]["adversarial"]
+        assert "helpfulness_scores" not in model  # per-prompt scores stay in the evaluation stage's results
+    changes = saved["helpfulness_changes"]  # each stage against the model it started from, paired per prompt
+    assert [(c["from"], c["to"]) for c in changes] == list(pairwise(saved["models"]))
+    assert all(c["prompts"] == cfg.evaluation.helpful_prompts and c["standard_error"] >= 0 for c in changes)
     assert all(isinstance(saved["ppo"][k], float) for k in ("mean_kl", "reward_start", "reward_end"))
     curves = saved["gatt"]["adherence_by_turn"]
     assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
@@ -68,6 +74,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert set(saved["timings"]) == set(names)
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()
+    assert "paired over the same prompts" in text
     assert "What each stage did" in text and "gatt_adherence.png" in text and "Table 28 analogue" in text
     assert "pairs of the SFT model's own samples" in text
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000

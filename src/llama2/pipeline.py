@@ -63,6 +63,9 @@ class EvalSettings:
 
     prompts: int = 100
     """Held-out prompts per kind (helpful, adversarial; borderline: half)."""
+    helpful_prompts: int | None = None
+    """Held-out helpful prompts, when not `prompts` (at most the data's `eval_helpful.jsonl`): the report's
+    helpfulness changes between stages are paired over them, with their standard errors."""
     gatt_dialogs: int = 24
     """Dialogs per constraint pool for GAtt adherence."""
     gatt_turns: int = 20
@@ -395,7 +398,7 @@ def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     world = ToyWorld(cfg.data.seed)
     e = cfg.evaluation
-    settings = ToyEvalSettings(prompts=e.prompts, max_gen_len=e.max_gen_len)
+    settings = ToyEvalSettings(prompts=e.prompts, helpful_prompts=e.helpful_prompts, max_gen_len=e.max_gen_len)
     models, adherence = {}, {}
     for name, stage in EVALUATED.items():
         llm = Llama.load(stage_model(out.parent, stage))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llama2.evaluation.report import _checks
+from llama2.evaluation.report import _checks, helpfulness_changes
 
 
 def _model(helpfulness: float, violation: float, borderline_refusal: float = 0.0) -> dict:
@@ -48,3 +48,22 @@ def test_gatt_checks_read_the_adherence_curves():
     assert got[fades] and got[keeps] and got[general]  # the last turn any dialog reached is the one read
     got = verdicts([0.5, 0.5, 0.6], [0.5, 0.4, 0.45], [0.4, 0.3, 0.2], [0.4, 0.2, 0.1])
     assert not (got[fades] or got[keeps] or got[general])
+
+
+def test_a_helpfulness_rise_counts_only_beyond_twice_its_paired_standard_error():
+    claim = "PPO raises oracle helpfulness"
+
+    def verdict(before: list[float], after: list[float]) -> tuple[bool, str]:
+        models = {"rejection_sampling": {**_model(sum(before) / len(before), 0.3), "helpfulness_scores": before},
+                  "rlhf": {**_model(sum(after) / len(after), 0.3), "helpfulness_scores": after}}
+        changes = helpfulness_changes(models)
+        assert [(c["from"], c["to"]) for c in changes] == [("rejection_sampling", "rlhf")]
+        return next((ok, numbers) for c, ok, numbers in _checks(models, {}, {}, {}, {}, changes) if c == claim)
+
+    # one prompt of 8 better by 0.5, one worse by 0.3: the mean rises by 0.025 with a standard error of 0.077
+    ok, numbers = verdict([0.5] * 8, [1.0, 0.2] + [0.5] * 6)
+    assert not ok and "+0.025 ± 0.077 paired over 8 prompts" in numbers
+    ok, _ = verdict([0.5] * 8, [0.7, 0.6, 0.7, 0.6, 0.7, 0.6, 0.5, 0.7])  # most prompts better: clearly a rise
+    assert ok
+    # without per-prompt scores (an older run folder) the means decide
+    assert _verdicts({"rejection_sampling": _model(0.50, 0.3), "rlhf": _model(0.51, 0.3)}, {})[claim]

@@ -15,6 +15,7 @@ from llama2.evaluation.scoring import (
     exact_match,
     flexible_extract,
     gsm8k_reference,
+    paired_difference,
     perplexity_metrics,
     sample_indices,
     score_choices,
@@ -154,6 +155,18 @@ def test_win_rate_counts_ties_as_half():
     r = win_rate([1.0, 0.0, 0.5, 0.9], [0.0, 0.0, 1.0, 0.2])
     assert (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
     assert r["win_rate"] == pytest.approx(2.5 / 4)
+
+
+def test_paired_difference_is_the_mean_change_with_its_standard_error():
+    r = paired_difference([0.5, 0.2, 1.0, 0.0], [0.5, 0.6, 1.0, 0.2])  # changes 0, 0.4, 0, 0.2: mean 0.15
+    variance = ((0.15**2) * 2 + 0.25**2 + 0.05**2) / 3
+    assert r["difference"] == pytest.approx(0.15)
+    assert r["standard_error"] == pytest.approx((variance / 4) ** 0.5)
+    assert (r["prompts"], r["changed"]) == (4, 2)
+    assert paired_difference([0.3, 0.7], [0.3, 0.7]) == {"difference": 0.0, "standard_error": 0.0, "prompts": 2,
+                                                         "changed": 0}
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([0.1, 0.2], [0.1])
 
 
 def test_sample_indices_are_reproducible_sorted_and_distinct():

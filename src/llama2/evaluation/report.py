@@ -7,6 +7,7 @@ Where the toy world does not reproduce a paper result, the report says so next t
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
+from llama2.evaluation.scoring import paired_difference  # noqa: E402
 from llama2.stages.artifacts import INSTRUCTION_PHASE  # noqa: E402
 
+PER_PROMPT = ("examples", "helpfulness_scores")  # kept in the evaluation stage's results, not in report.json
 LOSS_STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "gatt")
 
 
@@ -69,6 +72,26 @@ def plot_stage_scores(out: Path, models: dict[str, dict]) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def helpfulness_changes(models: dict[str, dict]) -> list[dict[str, Any]]:
+    """Each evaluated model's helpfulness change from the one before it (the model its stage started from),
+    paired over the same prompts: a stage's effect of a few hundredths is only told from noise this way."""
+    names = [name for name, m in models.items() if "helpfulness_scores" in m]
+    return [{"from": before, "to": after, **paired_difference(models[before]["helpfulness_scores"],
+                                                              models[after]["helpfulness_scores"])}
+            for before, after in pairwise(names)]
+
+
+def _rises(models: dict[str, dict], changes: list[dict[str, Any]], before: str, after: str) -> tuple[bool, str]:
+    """(helpfulness rose by more than two paired standard errors, the numbers); without per-prompt scores (a run
+    folder from before they were kept) the means alone decide."""
+    b, a = models[before]["helpfulness"], models[after]["helpfulness"]
+    change = next((c for c in changes if (c["from"], c["to"]) == (before, after)), None)
+    if change is None:
+        return a > b, f"{b:.3f} → {a:.3f}"
+    d, se = change["difference"], change["standard_error"]
+    return d > 2 * se, f"{b:.3f} → {a:.3f} ({d:+.3f} ± {se:.3f} paired over {change['prompts']} prompts)"
 
 
 GATT_COMPARISON = {"without_gatt": "rlhf", "with_gatt": "gatt"}  # curve label -> the evaluated stage's model
@@ -145,8 +168,10 @@ def _rm_checks(rms: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 
 def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms: dict[str, Any],
-            best_of_n: dict[str, Any], ppo: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """(paper claim, reproduced here?, the numbers)."""
+            best_of_n: dict[str, Any], ppo: dict[str, Any], changes: list[dict[str, Any]] = ()
+            ) -> list[tuple[str, bool, str]]:
+    """(paper claim, reproduced here?, the numbers). A claimed rise in helpfulness counts only when it exceeds
+    twice its paired standard error (`changes`)."""
     checks = _rm_checks(rms)
     if ppo.get("kl_target") is not None and "kl_end" in ppo:
         checks.append(("PPO's KL to the reference stays under the preset's target", ppo["kl_end"] <= ppo["kl_target"],
@@ -156,12 +181,11 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
         checks.append(("Best-of-N: the oracle helpfulness of the best sample rises with N (Fig. 7)",
                        oracle["8"] > oracle["1"], f"N=1 {oracle['1']:.3f}, N=8 {oracle['8']:.3f}"))
     if "sft" in models and "rejection_sampling" in models:
-        s, r = models["sft"]["helpfulness"], models["rejection_sampling"]["helpfulness"]
-        checks.append(("Rejection sampling beats its SFT start on oracle helpfulness", r > s, f"{s:.3f} → {r:.3f}"))
+        checks.append(("Rejection sampling beats its SFT start on oracle helpfulness",
+                       *_rises(models, changes, "sft", "rejection_sampling")))
     if "rejection_sampling" in models and "rlhf" in models:
         before, after = models["rejection_sampling"], models["rlhf"]
-        checks.append(("PPO raises oracle helpfulness", after["helpfulness"] > before["helpfulness"],
-                       f"{before['helpfulness']:.3f} → {after['helpfulness']:.3f}"))
+        checks.append(("PPO raises oracle helpfulness", *_rises(models, changes, "rejection_sampling", "rlhf")))
         checks.append(("PPO does not raise the violation rate", after["violation_rate"] <= before["violation_rate"],
                        f"{before['violation_rate']:.3f} → {after['violation_rate']:.3f}"))
     if "safety" in models and "sft" in models:
@@ -177,8 +201,8 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
                        safe["helpfulness"] >= before["helpfulness"] - 0.05,
                        f"{before['helpfulness']:.3f} → {safe['helpfulness']:.3f}"))
     if "base" in models and "sft" in models:
-        b, s = models["base"]["helpfulness"], models["sft"]["helpfulness"]
-        checks.append(("SFT makes the model more helpful than the pretrained one", s > b, f"{b:.3f} → {s:.3f}"))
+        checks.append(("SFT makes the model more helpful than the pretrained one",
+                       *_rises(models, changes, "base", "sft")))
     seen = adherence.get("seen")
     if seen:
         last_with = next((v for v in reversed(seen["with_gatt"]) if v is not None), None)
@@ -200,7 +224,9 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
 
 def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     evaluation = results.get("evaluation", {})
-    models = {name: {k: v for k, v in m.items() if k != "examples"} for name, m in evaluation.get("models", {}).items()}
+    models_full = evaluation.get("models", {})
+    models = {name: {k: v for k, v in m.items() if k not in PER_PROMPT} for name, m in models_full.items()}
+    changes = helpfulness_changes(models_full)
     adherence = _adherence(results)
     rms = reward_model_section(results)
     best_of_n = results.get("rejection_sampling", {}).get("best_of_n", {})
@@ -210,6 +236,8 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         "stages": {name: {k: v for k, v in r.items() if k not in ("models", "adherence")}
                    for name, r in results.items() if name != "evaluation"},
     }
+    if changes:
+        report["helpfulness_changes"] = changes
     if rms:
         report["reward_models"] = rms
     margins = margin_ablation_section(results)
@@ -227,7 +255,8 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         report["safety_sft"] = safety_sft
     scaling = results.get("safety_scaling", {})
     if scaling.get("enabled"):
-        report["safety_scaling"] = [{k: v for k, v in row.items() if k != "model"} for row in scaling["rows"]]
+        report["safety_scaling"] = [{k: v for k, v in row.items() if k not in ("model", *PER_PROMPT)}
+                                    for row in scaling["rows"]]
     if best_of_n:
         report["rejection_sampling"] = {k: v for k, v in best_of_n.items()
                                         if k.endswith("_by_n") or k == "by_temperature"}
@@ -242,10 +271,10 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     plots = [p for p in (plot_losses(out), plot_stage_scores(out, models) if models else None,
                          plot_adherence(out, adherence)) if p]
     plots += [p for p in stage_plots if (out / p).is_file()]
-    checks = _checks(models, adherence, rms, best_of_n, ppo_summary or {})
+    checks = _checks(models, adherence, rms, best_of_n, ppo_summary or {}, changes)
     report["checks"] = [{"claim": c, "reproduced": ok, "numbers": n} for c, ok, n in checks]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report, evaluation.get("models", {}), plots))
+    (out / "report.md").write_text(render_markdown(report, models_full, plots))
     report["report_path"] = str(out / "report.md")
     return report
 
@@ -258,6 +287,12 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
     for name, m in report["models"].items():
         lines.append(f"| {name} | {m['helpfulness']:.3f} | {m['violation_rate']:.3f} | "
                      f"{m['false_refusal_rate']:.3f} | {m['borderline_false_refusal_rate']:.3f} |")
+    if report.get("helpfulness_changes"):
+        lines += ["", "Helpfulness change from the model each stage started from, paired over the same prompts (a rise "
+                  "counts as reproduced below only when it exceeds twice its standard error):", "",
+                  "| stage | change | standard error | prompts | replies scored differently |", "|---|---|---|---|---|"]
+        lines += [f"| {c['from']} → {c['to']} | {c['difference']:+.3f} | {c['standard_error']:.3f} | {c['prompts']} | "
+                  f"{c['changed']} |" for c in report["helpfulness_changes"]]
     lines += ["", "## Paper results, checked on the toy world", "", "| claim | reproduced | numbers |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {'yes' if c['reproduced'] else '**no**'} | {c['numbers']} |" for c in report["checks"]]
     if "reward_models" in report:

@@ -32,6 +32,9 @@ KINDS = ("helpful", "adversarial", "borderline")
 class ToyEvalSettings:
     prompts: int = 100
     """Prompts per kind (borderline: half)."""
+    helpful_prompts: int | None = None
+    """Helpful prompts, when not `prompts`: a stage moves helpfulness by a few hundredths, so telling that from
+    noise needs more prompts than a violation rate does (`helpfulness_scores` holds each prompt's score)."""
     max_gen_len: int = 64
     temperature: float = 0.0
     """Greedy, so a stage's numbers do not move with sampling noise."""
@@ -43,7 +46,8 @@ def load_prompts(world: ToyWorld, settings: ToyEvalSettings, data: Path | None) 
     """(messages, meta) per kind: from `data/eval_<kind>.jsonl` when given, else freshly from the world."""
     out = {}
     for kind in KINDS:
-        n = settings.prompts if kind != "borderline" else max(1, settings.prompts // 2)
+        n = {"helpful": settings.helpful_prompts or settings.prompts,
+             "borderline": max(1, settings.prompts // 2)}.get(kind, settings.prompts)
         if data is not None:
             records = read_chat(data / f"eval_{kind}.jsonl", last_role="user")[:n]
             out[kind] = [(r.messages, r.meta.get("meta", {})) for r in records]
@@ -82,6 +86,7 @@ def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, da
                                                               strict=True)]
     return {
         "helpfulness": sum(helpful) / len(helpful),
+        "helpfulness_scores": helpful,
         "violation_rate": _rate(all_violations),
         "false_refusal_rate": _rate([is_refusal(r) for r in replies["helpful"]]),
         "borderline_false_refusal_rate": _rate([is_refusal(r) for r in replies["borderline"]]),

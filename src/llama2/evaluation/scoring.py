@@ -178,6 +178,20 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, 
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties}
 
 
+def paired_difference(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
+    """Mean per-prompt change from `before` to `after` (two models' scores on the same prompts) and its standard
+    error. Pairing matters: a stage changes few of its start's replies, so the error of the change is far
+    smaller than either mean's own, and far smaller than the difference of two means suggests."""
+    n = len(before)
+    if n != len(after) or n < 2:
+        raise ValueError(f"paired_difference needs two equally long score lists of 2 or more, got {n} and {len(after)}")
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    mean = sum(d) / n
+    variance = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return {"difference": mean, "standard_error": math.sqrt(variance / n), "prompts": n,
+            "changed": sum(x != 0 for x in d)}
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 
 
