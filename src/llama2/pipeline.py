@@ -112,10 +112,11 @@ class InstructionPhase:
     transformed_hobby_rate: float = 0.0
     """Share of the instruction dialogs whose constraints pair a hobby with Backspeak or uppercase: the reply
     must copy the hobby and transform it. In random combinations (about one dialog in six) the demo model
-    named the wrong hobby in 9 of 64 such replies ("I yojne gnilias" for dancing), with 0.5 in 1, and GAtt
-    kept instructions better (mean over 20 turns 0.81 -> 0.86); but the demo's helpfulness fell at every
-    stage from SFT on (0.679 -> 0.541 after SFT) and held-out constraints were kept less (0.50 -> 0.28), so
-    the demo leaves it at 0."""
+    wrote a hobby it could reverse instead of the one asked for ("I yojne gnilias" for dancing), and GAtt,
+    which keeps only replies the checker accepts, never learnt the others: 6 of 48 such evaluation dialogs
+    failed from turn 1. At 0.3 GAtt's mean adherence over 20 turns rose from 0.83 to 0.95 (48 dialogs) with
+    SFT helpfulness inside its seed-to-seed spread; at 0.5 helpfulness fell (0.679 -> 0.541 after SFT) and
+    held-out constraints were kept less (0.50 -> 0.28). The demo uses 0.3."""
     epochs: float = 4.0
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
