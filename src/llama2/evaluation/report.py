@@ -289,7 +289,8 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                      f"{m['false_refusal_rate']:.3f} | {m['borderline_false_refusal_rate']:.3f} |")
     if report.get("helpfulness_changes"):
         lines += ["", "Helpfulness change from the model each stage started from, paired over the same prompts (a rise "
-                  "counts as reproduced below only when it exceeds twice its standard error):", "",
+                  "counts as reproduced below only when it exceeds twice its standard error; the error is over "
+                  "prompts only, and the same stage trained with another seed can land further away):", "",
                   "| stage | change | standard error | prompts | replies scored differently |", "|---|---|---|---|---|"]
         lines += [f"| {c['from']} → {c['to']} | {c['difference']:+.3f} | {c['standard_error']:.3f} | {c['prompts']} | "
                   f"{c['changed']} |" for c in report["helpfulness_changes"]]
