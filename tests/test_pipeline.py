@@ -71,6 +71,8 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     curves = saved["gatt"]["adherence_by_turn"]
     assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
     assert set(saved["gatt"]["by_kind"]) == {"with_gatt", "without_gatt"} and saved["gatt"]["by_kind"]["with_gatt"]
+    assert all(1 <= f["first_turn"] <= f["turns_failed"] + f["first_turn"] - 1 <= cfg.evaluation.gatt_turns
+               for f in saved["gatt"]["failures_with_gatt"])
     assert set(saved["timings"]) == set(names)
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()

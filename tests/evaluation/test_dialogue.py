@@ -54,6 +54,9 @@ def test_adherence_curve_follows_the_replies(world, tiny_tokenizer_path):
     assert by_kind and all(0.0 <= v["all_turns"] <= v["turn_1"] for v in by_kind.values())
     assert sum(v["constraints"] for v in by_kind.values()) >= 8  # every dialog holds at least one constraint
     assert set(by_kind) <= {"hobby", "language", "figure", "uppercase", "emoji", "max_words", "one_sentence"}
+    failures = result["failures"]  # every dialog forgets its instruction at turn 3, in both remaining turns
+    assert len(failures) == 8 and all(f["first_turn"] == 3 and f["turns_failed"] == 2 for f in failures)
+    assert all(f["reply"] == "The river is long." and f["broken"] for f in failures)
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ checker. Adherence at turn t is the share of dialogs whose reply at turn t obeys
 dialogs that still fit the model's context at that turn. `by_kind` also checks each constraint alone, at turn 1
 and over all turns: a model that cannot copy a hobby from its instruction fails every set holding one, and the
 curve alone would not say so. The same is measured on constraints held out of
-GAtt training (the paper's zero-shot "Always answer with Haiku" test).
+GAtt training (the paper's zero-shot "Always answer with Haiku" test). `failures` lists each dialog that broke
+its instruction: the first reply that did, which constraints it broke, and in how many turns.
 
 `llama2 eval --task gatt_adherence --model DIR [--option baseline=DIR] [--option turns=20]`
 """
@@ -62,6 +63,7 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
     alive = list(range(len(dialogs)))
     obeyed = [[] for _ in range(settings.turns)]  # per turn: one bool per dialog that reached it
     by_kind: dict[str, list[list[bool]]] = {}  # kind -> [turn-1 verdicts, all verdicts], each constraint alone
+    failures: dict[int, dict] = {}  # dialog -> its first reply that broke the instruction, and how often it did
     limit = llm.args.max_seq_len
     cache = PrefixCache()  # each turn prefills its new messages only, not the dialog's whole history
     for turn in tqdm(range(settings.turns), desc=f"gatt adherence ({'held-out' if held_out else 'seen'})",
@@ -79,6 +81,11 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
             text = reply["generation"]["content"]
             verdicts = world.constraints.check(openings[i][0], text)
             obeyed[turn].append(all(verdicts.values()))
+            if not all(verdicts.values()):
+                failure = failures.setdefault(i, {"instruction": openings[i][1], "first_turn": turn + 1, "reply": text,
+                                                  "broken": [f"{c.kind}: {c.value}" for c, ok in verdicts.items()
+                                                             if not ok], "turns_failed": 0})
+                failure["turns_failed"] += 1
             for c, ok in verdicts.items():
                 first, every = by_kind.setdefault(c.category, [[], []])
                 every.append(ok)
@@ -89,7 +96,7 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
     kinds = {kind: {"turn_1": _share(first), "all_turns": _share(every), "constraints": len(first)}
              for kind, (first, every) in sorted(by_kind.items())}
     return {"adherence": curve, "dialogs_per_turn": [len(x) for x in obeyed], "by_kind": kinds,
-            "example": dialogs[0]}
+            "failures": [failures[i] for i in sorted(failures)], "example": dialogs[0]}
 
 
 def _share(verdicts: list[bool]) -> float | None:

@@ -264,6 +264,7 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         report["gatt"] = {"adherence_by_turn": adherence["seen"],
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
                           "by_kind": _adherence(results, "by_kind", ("seen",))["seen"],
+                          "failures_with_gatt": _adherence(results, "failures", ("seen",))["seen"]["with_gatt"],
                           "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
     stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
                    "safety_scaling/scaling_scores.png", "safety_scaling/false_refusal.png",
@@ -367,6 +368,13 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                 cells = [f"{by[k]['turn_1']:.2f} / {by[k]['all_turns']:.2f}" if k in by and by[k]["turn_1"] is not None
                          else "–" for k in kinds]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        failures = report["gatt"].get("failures_with_gatt")
+        if failures:
+            lines += ["", "Dialogs in which the GAtt model broke its instruction (seen constraints): the first reply "
+                      "that did.", "", "| instruction | first turn | turns broken | broke | reply |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {f['instruction']} | {f['first_turn']} | {f['turns_failed']} | {'; '.join(f['broken'])} | "
+                      f"{f['reply'].strip()!r} |" for f in failures]
         rate = report["gatt"].get("acceptance_rate")
         if rate is not None:
             lines.append(f"\nGAtt training data: the checker accepted {rate:.0%} of the sampled replies.")
