@@ -82,10 +82,11 @@ def adherence_by_turn(llm: Llama, world: ToyWorld, settings: AdherenceSettings, 
             verdicts = world.constraints.check(openings[i][0], text)
             obeyed[turn].append(all(verdicts.values()))
             if not all(verdicts.values()):
-                failure = failures.setdefault(i, {"instruction": openings[i][1], "first_turn": turn + 1, "reply": text,
-                                                  "broken": [f"{c.kind}: {c.value}" for c, ok in verdicts.items()
-                                                             if not ok], "turns_failed": 0})
-                failure["turns_failed"] += 1
+                if i not in failures:
+                    broken = [f"{c.kind}: {c.value}" for c, ok in verdicts.items() if not ok]
+                    failures[i] = {"instruction": openings[i][1], "first_turn": turn + 1, "reply": text,
+                                   "broken": broken, "turns_failed": 0}
+                failures[i]["turns_failed"] += 1
             for c, ok in verdicts.items():
                 first, every = by_kind.setdefault(c.category, [[], []])
                 every.append(ok)

@@ -117,7 +117,8 @@ class ScalarHeadModel(nn.Module):
 
     def likelihood_term(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                         starts: torch.Tensor) -> torch.Tensor:
-        """Σ over response tokens of gate(h_{t−1}) · (log p(x_t) − max log p), under the frozen LM head.
+        """Σ over response tokens of gate(h_{t−1}) · (log p(x_t) − max log p), under the frozen LM head. The
+        log-normaliser cancels in that difference, so it is the token's logit minus the largest logit.
 
         Why: a small RM fine-tuned on a few thousand pairs learns what a good answer looks like, not whether
         it is right (toy demo: 0.49 on arithmetic pairs of two plain answers, neither a refusal nor padded,
@@ -128,8 +129,8 @@ class ScalarHeadModel(nn.Module):
         """
         first = max(int(starts.min()) - 1, 0)
         states = h[:, first:-1]  # position t predicts token t + 1
-        logp = torch.log_softmax(self.trunk.output(states).float(), dim=-1)
-        surprise = logp.gather(-1, tokens[:, first + 1 :, None]).squeeze(-1) - logp.amax(dim=-1)  # ≤ 0
+        logits = self.trunk.output(states).float()
+        surprise = logits.gather(-1, tokens[:, first + 1 :, None]).squeeze(-1) - logits.amax(dim=-1)  # ≤ 0
         target = torch.arange(first + 1, tokens.shape[1], device=tokens.device)[None]
         in_response = (target >= starts[:, None]) & (target < lengths[:, None])
         weight = F.softplus(GATE_SCALE * self.likelihood_gate(states).squeeze(-1).float())
