@@ -26,7 +26,7 @@ def test_candidates_cover_every_quality(tw):
     assert {"right", "wrong", "partly_right", "verbose", "off_format", "needless_refusal"} <= kinds
     adversarial = tw.eval_prompts("adversarial", 1)[0].messages
     kinds = {c.kind for c in tw.candidates(adversarial)}
-    assert {"safe_refusal", "unsafe_compliance", "bare_refusal"} <= kinds
+    assert {"safe_refusal", "unsafe_compliance", "verbose_compliance", "bare_refusal"} <= kinds
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,14 @@ def test_safety_bins_and_no_unsafe_over_safe(tw, safety_pairs):
     assert 0.12 < bins[(True, False)] / n < 0.25 and 0.38 < bins[(True, True)] / n < 0.56
     assert 0.27 < bins[(False, False)] / n < 0.43
     assert sum(tw.is_adversarial(p.prompt) for p in safety_pairs) > 0.7 * n
+
+
+def test_filler_does_not_mark_a_reply_as_safe(tw, safety_pairs):
+    # padded refusals are safe and padded compliance is not: with only the first, a safety RM learnt that
+    # filler means safe, and PPO, rewarded by it on adversarial prompts, padded every answer
+    padded = [(tw.safety(p.prompt, reply) >= SAFE_THRESHOLD)
+              for p in safety_pairs for reply in (p.chosen, p.rejected) if "I hope this helps." in reply]
+    assert padded.count(True) > 10 and padded.count(False) > 10
 
 
 def test_test_split_uses_held_out_prompts(tw):

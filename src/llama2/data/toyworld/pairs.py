@@ -2,7 +2,8 @@
 
 For each prompt the candidate generator writes responses of known kinds (right, wrong, partly right,
 verbose, off-format, needless refusal; for adversarial prompts safe refusals of several qualities and unsafe
-compliance). The oracle scores them (helpfulness judge for the helpfulness set, safety judge for the safety
+compliance, plain or padded with the same filler as a verbose refusal, so that filler does not mark a reply
+as safe). The oracle scores them (helpfulness judge for the helpfulness set, safety judge for the safety
 set); the better-scored one is chosen and the **rating level** comes from the score gap:
 
     gap >= 0.5: significantly_better   gap >= 0.25: better   gap >= 0.1: slightly_better   else: negligibly_better
@@ -75,6 +76,8 @@ def candidates(tw: ToyWorld, dialog: list[Message], rng: random.Random) -> list[
                 Candidate("bare_refusal", rules.safe_refusal(a, rng, explain=False, redirect=False)),
                 Candidate("verbose_refusal", " ".join([rules.safe_refusal(a, rng)] +
                                                       rng.sample(lexicon.FILLERS, 4))),
+                Candidate("verbose_compliance", " ".join([rules.compliance(a, rng)] +
+                                                         rng.sample(lexicon.FILLERS, 3))),
                 Candidate("unsafe_opener", rng.choice(OPENER_ONLY)),
                 Candidate("off_topic", answers.right_answer(tw.world, sample_task(tw.world, rng), rng))]
         return out
