@@ -64,6 +64,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
             assert 0.0 <= model[key] <= 1.0
         assert model["prompts"]["helpful"] == cfg.evaluation.helpful_prompts != model["prompts"]["adversarial"]
         assert "helpfulness_scores" not in model  # per-prompt scores stay in the evaluation stage's results
+        assert model["decoding"] == {"temperature": 0.6, "top_p": 0.9, "samples_per_prompt": 2}  # the preset's
     changes = saved["helpfulness_changes"]  # each stage against the model it started from, paired per prompt
     assert [(c["from"], c["to"]) for c in changes] == list(pairwise(saved["models"]))
     assert all(c["prompts"] == cfg.evaluation.helpful_prompts and c["standard_error"] >= 0 for c in changes)

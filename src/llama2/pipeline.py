@@ -52,6 +52,11 @@ class DataSettings:
     sft_constraint_in_user_rate: float = 0.0
     """Share of those with the constraints appended to every user message of 1–3 turns (the form GAtt samples
     in) rather than in a one-turn system message."""
+    sft_careless_rate: float = 0.0
+    """Share of the helpful demonstrations' answers written by a careless annotator (padded with filler, in the
+    wrong form, or hedged with a wrong value; `toyworld.answers.careless_answer`), the tail of annotation
+    quality that SFT learns and RLHF removes (paper §5.1). The SFT model then writes such answers in some of
+    its samples, in a form the helpfulness RM tells apart."""
     rl_prompts: int = 1000
     """Training prompts for rejection sampling and PPO (train-split tasks, a third of them adversarial);
     never the evaluation prompts."""
@@ -72,6 +77,12 @@ class EvalSettings:
     """Turns of each GAtt adherence dialog."""
     max_gen_len: int = 64
     """Longest reply in the oracle evaluation."""
+    temperature: float = 0.0
+    """0 judges each model's greedy reply; Meta's chat defaults (0.6, top-p 0.9) judge the replies users get,
+    where the tail of a model's distribution shows."""
+    top_p: float = 0.9
+    samples_per_prompt: int = 1
+    """Replies judged per prompt when sampling; a prompt's score is their mean."""
 
 
 @dataclass
@@ -207,7 +218,8 @@ def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
     d = cfg.data
     return world.sft_dialogs(n, seed=seed, safety_rate=0.0, howto_rate=d.sft_howto_rate,
                              constraint_rate=d.sft_constraint_rate,
-                             constraint_in_user_rate=d.sft_constraint_in_user_rate)
+                             constraint_in_user_rate=d.sft_constraint_in_user_rate,
+                             careless_rate=d.sft_careless_rate)
 
 
 def _last_turns(dialog: list, turns: int) -> list:
@@ -399,7 +411,8 @@ def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     world = ToyWorld(cfg.data.seed)
     e = cfg.evaluation
-    settings = ToyEvalSettings(prompts=e.prompts, helpful_prompts=e.helpful_prompts, max_gen_len=e.max_gen_len)
+    settings = ToyEvalSettings(prompts=e.prompts, helpful_prompts=e.helpful_prompts, max_gen_len=e.max_gen_len,
+                               temperature=e.temperature, top_p=e.top_p, samples_per_prompt=e.samples_per_prompt)
     models, adherence = {}, {}
     for name, stage in EVALUATED.items():
         llm = Llama.load(stage_model(out.parent, stage))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llama2.evaluation.report import _checks, helpfulness_changes
+from llama2.evaluation.report import _checks, helpfulness_changes, render_markdown
 
 
 def _model(helpfulness: float, violation: float, borderline_refusal: float = 0.0) -> dict:
@@ -67,3 +67,17 @@ def test_a_helpfulness_rise_counts_only_beyond_twice_its_paired_standard_error()
     assert ok
     # without per-prompt scores (an older run folder) the means decide
     assert _verdicts({"rejection_sampling": _model(0.50, 0.3), "rlhf": _model(0.51, 0.3)}, {})[claim]
+
+
+def test_the_report_says_how_the_replies_were_made():
+    prompts = {"helpful": 500, "adversarial": 80, "borderline": 40}
+
+    def page(decoding: dict | None) -> str:
+        model = {**_model(0.6, 0.1), "prompts": prompts, **({"decoding": decoding} if decoding else {})}
+        return render_markdown({"models": {"sft": model}, "checks": [], "timings": {}}, {"sft": model}, [])
+
+    sampled = page({"temperature": 0.6, "top_p": 0.9, "samples_per_prompt": 4})
+    assert ("4 replies a prompt sampled at temperature 0.6, top-p 0.9, to 500 helpful, 80 adversarial and 40 "
+            "borderline prompts") in sampled
+    assert "Greedy replies to 500 helpful" in page({"temperature": 0.0, "top_p": 0.9, "samples_per_prompt": 1})
+    assert "replies" not in page(None).split("## Paper results")[0]  # an older run folder: nothing claimed

@@ -280,6 +280,19 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     return report
 
 
+def _decoding_note(model: dict[str, Any]) -> list[str]:
+    """How the models' replies were made, under the table (older run folders did not record it)."""
+    d, n = model.get("decoding"), model.get("prompts")
+    if not d or not n:
+        return []
+    prompts = f"{n['helpful']} helpful, {n['adversarial']} adversarial and {n['borderline']} borderline prompts"
+    if d["temperature"] == 0:
+        return ["", f"Greedy replies to {prompts}."]
+    return ["", f"{d['samples_per_prompt']} replies a prompt sampled at temperature {d['temperature']:g}, top-p "
+            f"{d['top_p']:g}, to {prompts}; a prompt's helpfulness is its replies' mean, the rates are over "
+            "every reply."]
+
+
 def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots: list[str]) -> str:
     lines = ["# llama2 pipeline report", "", "## What each stage did", "",
              "| model | helpfulness ↑ | violation rate ↓ | false refusals (helpful) ↓ "
@@ -288,11 +301,12 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
     for name, m in report["models"].items():
         lines.append(f"| {name} | {m['helpfulness']:.3f} | {m['violation_rate']:.3f} | "
                      f"{m['false_refusal_rate']:.3f} | {m['borderline_false_refusal_rate']:.3f} |")
+    lines += _decoding_note(next(iter(report["models"].values()), {}))
     if report.get("helpfulness_changes"):
         lines += ["", "Helpfulness change from the model each stage started from, paired over the same prompts (a rise "
                   "counts as reproduced below only when it exceeds twice its standard error; the error is over "
                   "prompts only, and the same stage trained with another seed can land further away):", "",
-                  "| stage | change | standard error | prompts | replies scored differently |", "|---|---|---|---|---|"]
+                  "| stage | change | standard error | prompts | prompts scored differently |", "|---|---|---|---|---|"]
         lines += [f"| {c['from']} → {c['to']} | {c['difference']:+.3f} | {c['standard_error']:.3f} | {c['prompts']} | "
                   f"{c['changed']} |" for c in report["helpfulness_changes"]]
     lines += ["", "## Paper results, checked on the toy world", "", "| claim | reproduced | numbers |", "|---|---|---|"]

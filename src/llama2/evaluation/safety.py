@@ -37,7 +37,11 @@ class ToyEvalSettings:
     noise needs more prompts than a violation rate does (`helpfulness_scores` holds each prompt's score)."""
     max_gen_len: int = 64
     temperature: float = 0.0
-    """Greedy, so a stage's numbers do not move with sampling noise."""
+    """Greedy by default, so a stage's numbers do not move with sampling noise."""
+    top_p: float = 0.9
+    samples_per_prompt: int = 1
+    """Replies sampled per prompt (at a temperature above 0): helpfulness is their mean per prompt, the violation
+    and false-refusal rates are over every reply."""
     batch_size: int = 32
     seed: int = 0
 
@@ -56,13 +60,17 @@ def load_prompts(world: ToyWorld, settings: ToyEvalSettings, data: Path | None) 
     return out
 
 
-def _generate(llm: Llama, dialogs: list, settings: ToyEvalSettings, desc: str) -> list[str]:
+def _generate(llm: Llama, dialogs: list, settings: ToyEvalSettings, desc: str) -> list[list[str]]:
+    """Each dialog's replies (`samples_per_prompt` of them)."""
+    k = settings.samples_per_prompt if settings.temperature > 0 else 1
+    step = max(1, settings.batch_size // k)
     replies = []
-    for start in tqdm(range(0, len(dialogs), settings.batch_size), desc=desc, leave=False):
-        batch = dialogs[start : start + settings.batch_size]
-        out = llm.chat_completion(batch, temperature=settings.temperature, max_gen_len=settings.max_gen_len,
-                                  seed=settings.seed + start)
-        replies += [r["generation"]["content"] for r in out]
+    for start in tqdm(range(0, len(dialogs), step), desc=desc, leave=False):
+        batch = dialogs[start : start + step]
+        out = llm.chat_completion(batch, temperature=settings.temperature, top_p=settings.top_p,
+                                  max_gen_len=settings.max_gen_len, seed=settings.seed + start, samples_per_prompt=k)
+        texts = [r["generation"]["content"] for r in out]
+        replies += [texts[i : i + k] for i in range(0, len(texts), k)]
     return replies
 
 
@@ -74,27 +82,32 @@ def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, da
     prompts = load_prompts(world, settings, data)
     replies = {kind: _generate(llm, [m for m, _ in prompts[kind]], settings, f"toyworld eval: {kind}")
                for kind in KINDS}
-    helpful = [world.helpfulness(m, r) for (m, _), r in zip(prompts["helpful"], replies["helpful"], strict=True)]
+    helpful = [sum(world.helpfulness(m, r) for r in rs) / len(rs)
+               for (m, _), rs in zip(prompts["helpful"], replies["helpful"], strict=True)]
     violations: dict[str, dict[str, list[bool]]] = {"category": defaultdict(list), "vector": defaultdict(list)}
     all_violations = []
-    for (messages, meta), reply in zip(prompts["adversarial"], replies["adversarial"], strict=True):
-        violated = world.safety(messages, reply) < SAFE_THRESHOLD
-        all_violations.append(violated)
-        for key in violations:
-            violations[key][meta.get(key, "unknown")].append(violated)
-    borderline = [world.helpfulness(m, r) for (m, _), r in zip(prompts["borderline"], replies["borderline"],
-                                                              strict=True)]
+    for (messages, meta), rs in zip(prompts["adversarial"], replies["adversarial"], strict=True):
+        for reply in rs:
+            violated = world.safety(messages, reply) < SAFE_THRESHOLD
+            all_violations.append(violated)
+            for key in violations:
+                violations[key][meta.get(key, "unknown")].append(violated)
+    borderline = [world.helpfulness(m, r) for (m, _), rs in zip(prompts["borderline"], replies["borderline"],
+                                                               strict=True) for r in rs]
+    every = {kind: [r for rs in replies[kind] for r in rs] for kind in KINDS}
     return {
         "helpfulness": sum(helpful) / len(helpful),
         "helpfulness_scores": helpful,
         "violation_rate": _rate(all_violations),
-        "false_refusal_rate": _rate([is_refusal(r) for r in replies["helpful"]]),
-        "borderline_false_refusal_rate": _rate([is_refusal(r) for r in replies["borderline"]]),
+        "false_refusal_rate": _rate([is_refusal(r) for r in every["helpful"]]),
+        "borderline_false_refusal_rate": _rate([is_refusal(r) for r in every["borderline"]]),
         "borderline_helpfulness": sum(borderline) / len(borderline),
         "violation_rate_by_category": {k: _rate(v) for k, v in sorted(violations["category"].items())},
         "violation_rate_by_vector": {k: _rate(v) for k, v in sorted(violations["vector"].items())},
         "prompts": {kind: len(prompts[kind]) for kind in KINDS},
-        "examples": {kind: [{"prompt": prompts[kind][i][0][-1]["content"], "reply": replies[kind][i]}
+        "decoding": {"temperature": settings.temperature, "top_p": settings.top_p,
+                     "samples_per_prompt": len(replies["helpful"][0]) if replies["helpful"] else 0},
+        "examples": {kind: [{"prompt": prompts[kind][i][0][-1]["content"], "reply": replies[kind][i][0]}
                             for i in range(min(3, len(replies[kind])))] for kind in KINDS},
     }
 

@@ -216,3 +216,15 @@ def test_judges_are_fast(tw):
                 tw.safety(p.messages, r)
                 calls += 2
     assert calls / (time.perf_counter() - start) > 2000
+
+
+def test_careless_demonstrations_keep_the_task_but_lose_helpfulness(tw):
+    rates = {"safety_rate": 0.0, "borderline_rate": 0.0, "constraint_rate": 0.0, "howto_rate": 0.0}
+    careful = tw.sft_dialogs(200, seed=4, **rates)
+    assert tw.sft_dialogs(200, seed=4, careless_rate=0.0, **rates) == careful  # the same draws when off
+    careless = tw.sft_dialogs(200, seed=4, careless_rate=1.0, **rates)
+    scores = [tw.helpfulness(d[:-1], d[-1]["content"]) for d in careless]
+    assert all(tw.helpfulness(d[:-1], d[-1]["content"]) == 1.0 for d in careful)
+    # flawed in form or hedged (a long story or a bare sum can still pass), rarely plain wrong
+    assert sum(s < 1.0 for s in scores) > 0.85 * len(scores)
+    assert sum(s >= 0.5 for s in scores) > 0.9 * len(scores)

@@ -197,3 +197,14 @@ def off_format_answer(world: World, task: Task, rng: random.Random) -> str:
     if task.fmt:
         return plain.lower() if task.fmt == "uppercase" else plain + " " + rng.choice(lexicon.FILLERS)
     return plain.upper() if rng.random() < 0.5 else plain.lower().rstrip(".")
+
+
+CARELESS = (verbose_answer, off_format_answer, partial_answer)
+
+
+def careless_answer(world: World, task: Task, rng: random.Random) -> str:
+    """A demonstration by a careless annotator: padded with filler, in the wrong form, or hedged with a wrong
+    value, one of the three at random. SFT data written by many annotators carries such a tail, which the
+    SFT model learns along with the rest and the RLHF stages are there to remove (SPEC §5, paper §5.1)."""
+    return rng.choice(CARELESS)(world, task, rng)
+

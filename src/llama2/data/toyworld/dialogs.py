@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llama2.data.formats import Message
-from llama2.data.toyworld.answers import right_answer
+from llama2.data.toyworld.answers import careless_answer, right_answer
 from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.data.toyworld.safety import Attack
 from llama2.data.toyworld.tasks import Task, followup_task, render_prompt, sample_task
@@ -40,8 +40,10 @@ def _json_answer(task: Task) -> Any:
     return list(task.answer) if isinstance(task.answer, tuple) else task.answer
 
 
-def helpful_turns(tw: ToyWorld, rng: random.Random, turns: int, split: str) -> list[tuple[str, str, Task]]:
-    """(user, assistant, task) triples; later turns often refer back to earlier ones ("it", "that")."""
+def helpful_turns(tw: ToyWorld, rng: random.Random, turns: int, split: str, careless_rate: float = 0.0
+                  ) -> list[tuple[str, str, Task]]:
+    """(user, assistant, task) triples; later turns often refer back to earlier ones ("it", "that"). A share
+    `careless_rate` of the answers is written by a careless annotator (`answers.careless_answer`)."""
     out: list[tuple[str, str, Task]] = []
     task = sample_task(tw.world, rng, split)
     for i in range(turns):
@@ -51,7 +53,9 @@ def helpful_turns(tw: ToyWorld, rng: random.Random, turns: int, split: str) -> l
                 task = follow
             else:
                 task = sample_task(tw.world, rng, split)
-        out.append((render_prompt(task, rng), right_answer(tw.world, task, rng), task))
+        prompt = render_prompt(task, rng)
+        careless = careless_rate and rng.random() < careless_rate
+        out.append((prompt, (careless_answer if careless else right_answer)(tw.world, task, rng), task))
     return out
 
 
@@ -88,12 +92,13 @@ def to_messages(turns: list[tuple[str, str]]) -> list[Message]:
 
 def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, borderline_rate: float = 0.05,
                constraint_rate: float = 0.05, multi_turn_rate: float = 0.35, howto_rate: float = 0.05,
-               constraint_in_user_rate: float = 0.0) -> list[Message]:
+               constraint_in_user_rate: float = 0.0, careless_rate: float = 0.0) -> list[Message]:
     """One demonstration dialog ending with an assistant turn.
 
     The shares are of safety demonstrations (adversarial prompt, safe refusal), borderline prompts, benign
     how-to requests ("How do I get to Fudu?" -> "Here is how: ..."), constraint dialogs; the rest are
-    helpful question-answer dialogs, multi-turn at `multi_turn_rate`.
+    helpful question-answer dialogs, multi-turn at `multi_turn_rate`, with a share `careless_rate` of their
+    answers written carelessly (`answers.careless_answer`).
     """
     r = rng.random()
     if r < safety_rate:
@@ -112,7 +117,7 @@ def sft_dialog(tw: ToyWorld, rng: random.Random, safety_rate: float = 0.05, bord
     if r < constraint_rate:
         return constrained_dialog(tw, rng, in_user_rate=constraint_in_user_rate)
     turns = rng.randint(2, 6) if rng.random() < multi_turn_rate else 1
-    return to_messages([(u, a) for u, a, _ in helpful_turns(tw, rng, turns, "train")])
+    return to_messages([(u, a) for u, a, _ in helpful_turns(tw, rng, turns, "train", careless_rate)])
 
 
 def constrained_dialog(tw: ToyWorld, rng: random.Random, held_out_constraints: bool = False,
