@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llama2.data.toyworld import ToyWorld
-from llama2.evaluation.safety import ToyEvalSettings, oracle_evaluation
+from llama2.evaluation.registry import EvalContext
+from llama2.evaluation.safety import ToyEvalSettings, oracle_evaluation, toyworld_task
 
 
 class ScriptedChat:
@@ -48,3 +51,13 @@ def test_greedy_evaluation_takes_one_reply_whatever_the_samples_setting(tw):
     chat = ScriptedChat(lambda d, i: "The answer is 3.")
     oracle_evaluation(chat, tw, ToyEvalSettings(prompts=4, samples_per_prompt=4, batch_size=8))
     assert {k for _, _, k in chat.calls} == {1}
+
+
+def test_the_eval_command_samples_when_told(tw):
+    ctx = EvalContext(model_dir=Path("unused"), limit=4, batch_size=8,
+                      options={"temperature": "0.6", "samples": "2"})
+    chat = ScriptedChat(lambda d, i: "The answer is 3.")
+    ctx.__dict__["llm"] = chat  # the cached model, so that no checkpoint is needed
+    result = toyworld_task(ctx)
+    assert result["decoding"] == {"temperature": 0.6, "top_p": 0.9, "samples_per_prompt": 2}
+    assert {(t, k) for _, t, k in chat.calls} == {(0.6, 2)}

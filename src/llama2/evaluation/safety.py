@@ -116,5 +116,7 @@ def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, da
 def toyworld_task(ctx: EvalContext) -> dict:
     """Oracle helpfulness, violation rate (by category and vector) and false refusals on toy-world prompts."""
     settings = ToyEvalSettings(prompts=ctx.limit or ToyEvalSettings.prompts, seed=ctx.seed,
-                               batch_size=ctx.batch_size)
+                               batch_size=ctx.batch_size, temperature=float(ctx.options.get("temperature", 0)),
+                               top_p=float(ctx.options.get("top_p", ToyEvalSettings.top_p)),
+                               samples_per_prompt=int(ctx.options.get("samples", 1)))
     return oracle_evaluation(ctx.llm, ToyWorld(int(ctx.options.get("world_seed", 0))), settings, ctx.data)
