@@ -207,4 +207,3 @@ def careless_answer(world: World, task: Task, rng: random.Random) -> str:
     value, one of the three at random. SFT data written by many annotators carries such a tail, which the
     SFT model learns along with the rest and the RLHF stages are there to remove (SPEC §5, paper §5.1)."""
     return rng.choice(CARELESS)(world, task, rng)
-
