@@ -45,6 +45,11 @@ class ToyEvalSettings:
     batch_size: int = 32
     seed: int = 0
 
+    @property
+    def replies_per_prompt(self) -> int:
+        """Greedy decoding gives one reply however many samples are asked for."""
+        return self.samples_per_prompt if self.temperature > 0 else 1
+
 
 def load_prompts(world: ToyWorld, settings: ToyEvalSettings, data: Path | None) -> dict[str, list]:
     """(messages, meta) per kind: from `data/eval_<kind>.jsonl` when given, else freshly from the world."""
@@ -62,7 +67,7 @@ def load_prompts(world: ToyWorld, settings: ToyEvalSettings, data: Path | None) 
 
 def _generate(llm: Llama, dialogs: list, settings: ToyEvalSettings, desc: str) -> list[list[str]]:
     """Each dialog's replies (`samples_per_prompt` of them)."""
-    k = settings.samples_per_prompt if settings.temperature > 0 else 1
+    k = settings.replies_per_prompt
     step = max(1, settings.batch_size // k)
     replies = []
     for start in tqdm(range(0, len(dialogs), step), desc=desc, leave=False):
@@ -106,7 +111,7 @@ def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, da
         "violation_rate_by_vector": {k: _rate(v) for k, v in sorted(violations["vector"].items())},
         "prompts": {kind: len(prompts[kind]) for kind in KINDS},
         "decoding": {"temperature": settings.temperature, "top_p": settings.top_p,
-                     "samples_per_prompt": len(replies["helpful"][0]) if replies["helpful"] else 0},
+                     "samples_per_prompt": settings.replies_per_prompt},
         "examples": {kind: [{"prompt": prompts[kind][i][0][-1]["content"], "reply": replies[kind][i][0]}
                             for i in range(min(3, len(replies[kind])))] for kind in KINDS},
     }
