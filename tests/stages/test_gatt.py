@@ -44,6 +44,18 @@ class ObedientSometimes:
         return k % 2 == 1
 
 
+def test_balanced_instructions_deal_every_seen_value_evenly(world):
+    seen = {c.value for c in world.constraints.pool(False) if c.kind == "hobby"}
+    counts = {}
+    for balanced in (True, False):
+        instructions = gatt.sample_instructions(gatt.GAttData(balanced=balanced), world, 90)
+        hobbies = [c.value for cs, _ in instructions for c in cs if c.kind == "hobby"]
+        counts[balanced] = {h: hobbies.count(h) for h in seen}
+        assert all(len({c.kind for c in cs}) == len(cs) for cs, _ in instructions)  # still one per kind
+    assert max(counts[True].values()) - min(counts[True].values()) <= 1
+    assert max(counts[False].values()) - min(counts[False].values()) > 1  # independent draws are uneven
+
+
 def test_instruction_only_in_the_system_message_and_rejected_replies_masked(world, tiny_tokenizer_path):
     tok = Tokenizer(tiny_tokenizer_path)
     cfg = gatt.GAttData(dialogs=3, min_turns=3, max_turns=3, samples_per_turn=2)

@@ -59,6 +59,11 @@ class GAttData:
     """The toy world supplying constraints (and user messages when no file is given)."""
     terse_rate: float = 0.5
     """Share of instructions in their terse wording ("Figure: Queen Mira")."""
+    balanced: bool = True
+    """Deal each kind's constraint values from a shuffled deck (a new one when it runs out), so that every
+    hobby, figure and format is in about as many dialogs as the others; the combinations stay random. False
+    draws each value independently: then 88 dialogs held one fishing instruction, none with archery, and the
+    demo's GAtt model lost fishing (writing sailing from turn 2 on)."""
     samples_per_turn: int = 4
     """Replies sampled per turn; the first one the checker accepts is kept."""
     temperature: float = 0.7
@@ -143,12 +148,27 @@ def user_turns(cfg: GAttData, world: ToyWorld) -> list[list[str]]:
     return out
 
 
+class Decks:
+    """Deals constraints of each kind from a shuffled deck of that kind's options, a new deck when it runs out."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.decks = rng, {}
+
+    def __call__(self, options: list[Constraint]) -> Constraint:
+        key = tuple(options)
+        if not self.decks.get(key):
+            self.decks[key] = self.rng.sample(options, len(options))
+        return self.decks[key].pop()
+
+
 def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[list[Constraint], str]]:
-    """Step 2: random combinations of constraints from the training pool, terse half the time."""
+    """Step 2: random combinations of constraints from the training pool, terse half the time (each kind's
+    values dealt evenly when `cfg.balanced`)."""
     rng = random.Random(f"gatt-instructions-{cfg.seed}")
+    pick = Decks(random.Random(f"gatt-decks-{cfg.seed}")) if cfg.balanced else None
     out = []
     for _ in range(n):
-        cs = world.sample_constraints(rng, held_out=False)
+        cs = world.sample_constraints(rng, held_out=False, pick=pick)
         out.append((cs, wording(cs, terse=rng.random() < cfg.terse_rate)))
     return out
 

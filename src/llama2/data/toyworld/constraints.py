@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llama2.data.toyworld import lexicon
@@ -134,11 +134,14 @@ class ConstraintSet:
     def pool(self, held_out: bool) -> list[Constraint]:
         return [c for c in self.all if c.held_out == held_out]
 
-    def sample(self, rng: random.Random, held_out: bool = False, k: int | None = None) -> list[Constraint]:
+    def sample(self, rng: random.Random, held_out: bool = False, k: int | None = None,
+               pick: Callable[[list[Constraint]], Constraint] | None = None) -> list[Constraint]:
         """1–3 constraints of different kinds, combined at random; at most one format.
 
         With `held_out=True` at least one constraint comes from the held-out pool, the rest may be seen ones.
+        `pick` chooses a seen constraint among a kind's options (default: `rng.choice`).
         """
+        pick = pick or rng.choice
         k = k or rng.choice((1, 1, 2, 2, 3))
         seen, unseen = self.pool(False), self.pool(True)
         chosen: list[Constraint] = []
@@ -147,7 +150,7 @@ class ConstraintSet:
         kinds = [kind for kind in KINDS if kind not in {c.kind for c in chosen}]
         rng.shuffle(kinds)
         for kind in kinds[: k - len(chosen)]:
-            chosen.append(rng.choice([c for c in seen if c.kind == kind]))
+            chosen.append(pick([c for c in seen if c.kind == kind]))
         return sorted(chosen, key=lambda c: KINDS.index(c.kind))
 
     def sample_transformed_hobby(self, rng: random.Random) -> list[Constraint]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from llama2.data.formats import Message, PreferenceRecord
 from llama2.data.toyworld import answers, constraints, corpus, lexicon, safety, tasks
@@ -93,9 +93,11 @@ class ToyWorld:
         """Every constraint of the training pool, or of the held-out pool."""
         return self.constraints.pool(held_out)
 
-    def sample_constraints(self, rng: random.Random, held_out: bool = False) -> list[Constraint]:
-        """1–3 constraints of different kinds combined at random (with at least one held-out if asked)."""
-        return self.constraints.sample(rng, held_out)
+    def sample_constraints(self, rng: random.Random, held_out: bool = False,
+                           pick: Callable[[list[Constraint]], Constraint] | None = None) -> list[Constraint]:
+        """1–3 constraints of different kinds combined at random (with at least one held-out if asked); `pick`
+        chooses among a kind's seen constraints (default: at random)."""
+        return self.constraints.sample(rng, held_out, pick=pick)
 
     def constrained_dialogs(self, n: int, seed: int | None = None, transformed_hobby_rate: float = 0.0
                             ) -> list[list[Message]]:
