@@ -66,7 +66,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
         assert "helpfulness_scores" not in model  # per-prompt scores stay in the evaluation stage's results
         assert model["decoding"] == {"temperature": 0.6, "top_p": 0.9, "samples_per_prompt": 2}  # the preset's
     changes = saved["helpfulness_changes"]  # each stage against the model it started from, paired per prompt
-    assert [(c["from"], c["to"]) for c in changes] == list(pairwise(saved["models"]))
+    assert [(c["from"], c["to"]) for c in changes] == [*pairwise(saved["models"]), ("sft", "rlhf")]  # RLHF as a whole
     assert all(c["prompts"] == cfg.evaluation.helpful_prompts and c["standard_error"] >= 0 for c in changes)
     assert all(isinstance(saved["ppo"][k], float) for k in ("mean_kl", "reward_start", "reward_end"))
     curves = saved["gatt"]["adherence_by_turn"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llama2.evaluation.report import _checks, helpfulness_changes, render_markdown
 
 
@@ -67,6 +69,23 @@ def test_a_helpfulness_rise_counts_only_beyond_twice_its_paired_standard_error()
     assert ok
     # without per-prompt scores (an older run folder) the means decide
     assert _verdicts({"rejection_sampling": _model(0.50, 0.3), "rlhf": _model(0.51, 0.3)}, {})[claim]
+
+
+def test_rlhf_as_a_whole_is_paired_against_sft():
+    claim = "RLHF (rejection sampling, then PPO) makes the model more helpful than SFT (Fig. 11)"
+    scores = {"sft": [0.5] * 8, "rejection_sampling": [0.6, 0.5, 0.6, 0.5, 0.6, 0.5, 0.6, 0.5],
+              "rlhf": [0.6, 0.6, 0.6, 0.5, 0.6, 0.6, 0.6, 0.5]}
+    models = {name: {**_model(sum(s) / len(s), 0.3), "helpfulness_scores": s} for name, s in scores.items()}
+    changes = helpfulness_changes(models)
+    assert [(c["from"], c["to"]) for c in changes] == [("sft", "rejection_sampling"), ("rejection_sampling", "rlhf"),
+                                                       ("sft", "rlhf")]
+    assert changes[-1]["difference"] == pytest.approx(0.075) and changes[-1]["changed"] == 6
+    verdicts = {c: (ok, numbers) for c, ok, numbers in _checks(models, {}, {}, {}, {}, changes)}
+    assert verdicts[claim][0] and "+0.075" in verdicts[claim][1]
+    assert not verdicts["PPO raises oracle helpfulness"][0]  # +0.025 on 2 of 8 prompts: within twice its error
+    page = render_markdown({"models": models, "checks": [], "timings": {}, "helpfulness_changes": changes},
+                           models, [])
+    assert "| sft → rlhf | +0.075 |" in page and "sft → rlhf is rejection sampling and PPO together" in page
 
 
 def test_the_report_says_how_the_replies_were_made():

@@ -74,13 +74,21 @@ def plot_stage_scores(out: Path, models: dict[str, dict]) -> str:
     return path.name
 
 
+RLHF_SPAN = ("sft", "rlhf")
+"""RLHF as a whole (rejection sampling, then PPO) against its SFT start: the paper's Fig. 11 comparison."""
+
+
 def helpfulness_changes(models: dict[str, dict]) -> list[dict[str, Any]]:
     """Each evaluated model's helpfulness change from the one before it (the model its stage started from),
-    paired over the same prompts: a stage's effect of a few hundredths is only told from noise this way."""
+    then RLHF's as a whole (`RLHF_SPAN`), paired over the same prompts: a stage's effect of a few hundredths
+    is only told from noise this way."""
     names = [name for name, m in models.items() if "helpfulness_scores" in m]
+    steps = list(pairwise(names))
+    if set(RLHF_SPAN) <= set(names) and RLHF_SPAN not in steps:
+        steps.append(RLHF_SPAN)
     return [{"from": before, "to": after, **paired_difference(models[before]["helpfulness_scores"],
                                                               models[after]["helpfulness_scores"])}
-            for before, after in pairwise(names)]
+            for before, after in steps]
 
 
 def _rises(models: dict[str, dict], changes: list[dict[str, Any]], before: str, after: str) -> tuple[bool, str]:
@@ -186,6 +194,9 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
     if "rejection_sampling" in models and "rlhf" in models:
         before, after = models["rejection_sampling"], models["rlhf"]
         checks.append(("PPO raises oracle helpfulness", *_rises(models, changes, "rejection_sampling", "rlhf")))
+        if "sft" in models:
+            checks.append(("RLHF (rejection sampling, then PPO) makes the model more helpful than SFT (Fig. 11)",
+                           *_rises(models, changes, *RLHF_SPAN)))
         checks.append(("PPO does not raise the violation rate", after["violation_rate"] <= before["violation_rate"],
                        f"{before['violation_rate']:.3f} → {after['violation_rate']:.3f}"))
     if "safety" in models and "sft" in models:
@@ -303,9 +314,12 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                      f"{m['false_refusal_rate']:.3f} | {m['borderline_false_refusal_rate']:.3f} |")
     lines += _decoding_note(next(iter(report["models"].values()), {}))
     if report.get("helpfulness_changes"):
+        span = "; sft → rlhf is rejection sampling and PPO together" if any(
+            (c["from"], c["to"]) == RLHF_SPAN for c in report["helpfulness_changes"]) else ""
         lines += ["", "Helpfulness change from the model each stage started from, paired over the same prompts (a rise "
                   "counts as reproduced below only when it exceeds twice its standard error; the error is over "
-                  "prompts only, and the same stage trained with another seed can land further away):", "",
+                  "prompts only, and the same stage trained with another seed can land further away"
+                  f"{span}):", "",
                   "| stage | change | standard error | prompts | prompts scored differently |", "|---|---|---|---|---|"]
         lines += [f"| {c['from']} → {c['to']} | {c['difference']:+.3f} | {c['standard_error']:.3f} | {c['prompts']} | "
                   f"{c['changed']} |" for c in report["helpfulness_changes"]]
