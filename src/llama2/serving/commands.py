@@ -24,6 +24,10 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="most sequences decoded together; each row reserves a full-context KV cache (default 16)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="keys and values of finished requests kept, in tokens, so that a conversation's next "
+                   "request prefills only its new messages; each token costs 2 x layers x kv-heads x head-dim "
+                   "values (default: twice the model's context; 0 turns it off)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
@@ -40,10 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix-cache-tokens must be 0 or more, got {args.prefix_cache_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = Llama.load(model_dir(args.model), device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(llm, name, api_key=args.api_key, max_batch_size=args.max_batch_size)
+    app = create_app(llm, name, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                     prefix_cache_tokens=args.prefix_cache_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)

@@ -5,6 +5,8 @@ requests (prefilling their prompts together), so a new request never waits for t
 finish, and finished rows leave at once. Rows of the KV cache are kept contiguous (a finished row is
 replaced by the last one), so each step reads one slice of the cache. Results are pushed to each
 request's `sink` as `TextDelta` and one final `Finished` event; the sink is called on the worker thread.
+With a prefix store (`prefix_cache_tokens` > 0), a finished row's keys and values are kept, and a new prompt
+that starts like one of them (the next turn of a conversation) prefills only what follows the common prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from llama2.generation.sampling import next_token
 from llama2.model.transformer import Transformer
 from llama2.serving.batched_forward import SlotCache, forward_rows
+from llama2.serving.prefix_store import PrefixStore
 from llama2.serving.text import IncrementalDetokenizer, StopMatcher
 from llama2.tokenizer.tokenizer import Tokenizer
 
@@ -90,13 +93,15 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16, max_queue: int = 256):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 16, max_queue: int = 256,
+                 prefix_cache_tokens: int = 0):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.device = model.output.weight.device
         self.cache = SlotCache.allocate(model, max_batch_size)
+        self.prefix_store = PrefixStore(prefix_cache_tokens)
         self._pending: deque[Request] = deque()
         self._rows: list[_Row] = []
         self._wake = threading.Condition()
@@ -106,6 +111,9 @@ class Engine:
         """Batched forward passes run so far (decode steps and prefills), for tests and metrics."""
         self.max_rows_seen = 0
         """The largest batch a decode step has run, to show that concurrent requests were batched."""
+        self.prompt_tokens = 0
+        """Prompt ids admitted so far; `reused_tokens` of them came from the prefix store, the rest were fed."""
+        self.reused_tokens = 0
 
     # --- public, called from other threads ------------------------------------------------------------
 
@@ -197,6 +205,7 @@ class Engine:
         i = 0
         while i < len(self._rows):
             if self._rows[i].done:
+                self._remember(i, self._rows[i])
                 last = len(self._rows) - 1
                 if i != last:
                     self.cache.move_row(last, i, self._rows[last].cached)
@@ -204,6 +213,12 @@ class Engine:
                 self._rows.pop()
             else:
                 i += 1
+
+    def _remember(self, index: int, row: _Row) -> None:
+        """Offer the ids whose keys and values sit in cache row `index` to the prefix store."""
+        if self.prefix_store.max_tokens:
+            ids = (row.request.prompt + row.generated)[: row.cached]
+            self.prefix_store.store(ids, self.cache, index)
 
     def _decode(self) -> None:
         rows = self._rows
@@ -220,14 +235,24 @@ class Engine:
     def _prefill(self, admitted: list[_Row]) -> None:
         first = len(self._rows)
         self._rows.extend(admitted)
-        lengths = [len(r.request.prompt) for r in admitted]
-        tokens = torch.zeros((len(admitted), max(lengths)), dtype=torch.long, device=self.device)  # (B, T)
-        for i, r in enumerate(admitted):
-            tokens[i, : lengths[i]] = torch.tensor(r.request.prompt, device=self.device)
-            r.cached = lengths[i]
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = forward_rows(self.model, self.cache, first, tokens, torch.zeros_like(last), last)
+        prompts = [r.request.prompt for r in admitted]
+        matches = [self.prefix_store.match(p) if self.prefix_store.max_tokens else (None, 0) for p in prompts]
+        # Rows are right-padded to the longest fed part, and padding must stay inside the context: reusing less
+        # of a long prompt feeds it more tokens, never more than the longest fed part already holds.
+        width = max(len(p) - count for p, (_, count) in zip(prompts, matches, strict=True))
+        reused = [min(count, self.model.args.max_seq_len - width) for _, count in matches]
+        tokens = torch.zeros((len(admitted), width), dtype=torch.long, device=self.device)  # (B, T)
+        for i, (r, (key, _)) in enumerate(zip(admitted, matches, strict=True)):
+            if key is not None and reused[i]:
+                self.prefix_store.load(key, reused[i], self.cache, first + i)
+            tokens[i, : len(r.request.prompt) - reused[i]] = torch.tensor(r.request.prompt[reused[i] :])
+            r.cached = len(r.request.prompt)
+        start = torch.tensor(reused, device=self.device)
+        last = torch.tensor([len(p) - n for p, n in zip(prompts, reused, strict=True)], device=self.device) - 1
+        logits = forward_rows(self.model, self.cache, first, tokens, start, last)
         self.steps += 1
+        self.prompt_tokens += sum(map(len, prompts))
+        self.reused_tokens += sum(reused)
         self._sample(admitted, logits)
         self._compact()
 

@@ -40,9 +40,15 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batch_size: int = 16) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the batching worker."""
-    state = ServerState(llm, Engine(llm.model, llm.tokenizer, max_batch_size), model_name, api_key)
+def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batch_size: int = 16,
+               prefix_cache_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the batching worker. `prefix_cache_tokens`: positions of
+    finished requests kept for later prompts that start the same way (`serving.prefix_store`; default twice
+    the model's context, 0 for none)."""
+    if prefix_cache_tokens is None:
+        prefix_cache_tokens = 2 * llm.args.max_seq_len
+    engine = Engine(llm.model, llm.tokenizer, max_batch_size, prefix_cache_tokens=prefix_cache_tokens)
+    state = ServerState(llm, engine, model_name, api_key)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,8 +70,11 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": state.model_name, "running": state.engine.running,
-                "waiting": state.engine.waiting}
+        engine = state.engine
+        return {"status": "ok", "model": state.model_name, "running": engine.running, "waiting": engine.waiting,
+                "prompt_tokens": engine.prompt_tokens, "reused_prompt_tokens": engine.reused_tokens,
+                "prefix_cache": {"entries": len(engine.prefix_store), "tokens": engine.prefix_store.tokens,
+                                 "max_tokens": engine.prefix_store.max_tokens}}
 
     return app
 
