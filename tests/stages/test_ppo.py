@@ -16,6 +16,7 @@ from llama2.data.formats import dumps
 from llama2.model.checkpoint import save_hf
 from llama2.stages import ppo
 from llama2.stages.artifacts import model_dir
+from llama2.training.parallel import init_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +61,7 @@ def test_generation_logprobs_equal_the_training_forward(setup, value):
     policy_dir, prompts_file, tokenizer = setup
     cfg = config(Path("."), policy_dir, prompts_file)
     cfg.models.value = value
-    env = ppo.init_distributed("cpu")
+    env = init_distributed("cpu")
     model, reference, tokenizer, _ = ppo._setup_models(cfg, env)
     prompts = ppo.read_prompts([str(prompts_file)], tokenizer, cfg.prompts)
     assert [p.is_safety for p in prompts] == [True, True] + [False] * 6

@@ -58,7 +58,7 @@ from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.checkpointing import find_resume_point, load_checkpoint, save_checkpoint
 from llama2.training.faults import maybe_kill
 from llama2.training.loop import TrainConfig, build_optimizer
-from llama2.training.parallel import DistEnv, close_distributed, init_distributed
+from llama2.training.parallel import DistEnv, distributed_run
 from llama2.training.ppo_losses import (
     KLEstimator,
     entropy,
@@ -758,11 +758,14 @@ def _read_history(path: Path, upto: int) -> list[dict]:
 def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
     """Run PPO as configured, resuming if `out_dir` holds a checkpoint. `scorer` replaces the configured
     reward (RMs or oracle) by any function, e.g. a test's toy reward; the oracle metrics still apply."""
+    with distributed_run(cfg.device) as env:
+        if env.world_size > 1:
+            raise ValueError("ppo: runs in one process for now (docs/ppo.md gives the multi-GPU plan)")
+        return _run(cfg, scorer, env)
+
+
+def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
     started = time.perf_counter()
-    env = init_distributed(cfg.device)
-    if env.world_size > 1:
-        close_distributed()
-        raise ValueError("ppo: runs in one process for now (docs/ppo.md gives the multi-GPU plan)")
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls (3x on Hopper)
     out = Path(cfg.out_dir)
@@ -854,5 +857,4 @@ def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
     print(f"ppo: {iteration} iterations in {time.perf_counter() - started:.1f}s; reward "
           f"{summary.get('reward_start')} -> {summary.get('reward_end')}; policy in "
           f"{last_ckpt / 'model' if last_ckpt else '-'}", file=sys.stderr)
-    close_distributed()
     return PPOResult(iteration, summary, last_ckpt)
