@@ -55,11 +55,11 @@ def _turn(engine: Engine, prompts: list[list[int]]) -> list[str]:
 
 
 def _chat(engine: Engine, tokenizer: Tokenizer) -> tuple[list[list[str]], float]:
-    dialogs = [[{"role": "system", "content": _message(c, -1, 24)}] for c in range(CONVERSATIONS)]
+    dialogs = [[{"role": "system", "content": _message(c, -1, 12)}] for c in range(CONVERSATIONS)]
     start = time.perf_counter()
     for turn in range(TURNS):
         for c, dialog in enumerate(dialogs):
-            dialog.append({"role": "user", "content": _message(c, turn, 8)})
+            dialog.append({"role": "user", "content": _message(c, turn, 4)})
         replies = _turn(engine, [encode_dialog(tokenizer, d) for d in dialogs])
         for dialog, reply in zip(dialogs, replies, strict=True):
             dialog.append({"role": "assistant", "content": reply})
