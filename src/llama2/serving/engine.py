@@ -216,9 +216,7 @@ class Engine:
 
     def _remember(self, index: int, row: _Row) -> None:
         """Offer the ids whose keys and values sit in cache row `index` to the prefix store."""
-        if self.prefix_store.max_tokens:
-            ids = (row.request.prompt + row.generated)[: row.cached]
-            self.prefix_store.store(ids, self.cache, index)
+        self.prefix_store.store((row.request.prompt + row.generated)[: row.cached], self.cache, index)
 
     def _decode(self) -> None:
         rows = self._rows
@@ -236,7 +234,7 @@ class Engine:
         first = len(self._rows)
         self._rows.extend(admitted)
         prompts = [r.request.prompt for r in admitted]
-        matches = [self.prefix_store.match(p) if self.prefix_store.max_tokens else (None, 0) for p in prompts]
+        matches = [self.prefix_store.match(p) for p in prompts]
         # Rows are right-padded to the longest fed part, and padding must stay inside the context: reusing less
         # of a long prompt feeds it more tokens, never more than the longest fed part already holds.
         width = max(len(p) - count for p, (_, count) in zip(prompts, matches, strict=True))
