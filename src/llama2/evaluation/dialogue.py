@@ -114,7 +114,7 @@ def plot_curves(curves: dict[str, list[float | None]], path: Path, title: str) -
     for label, curve in curves.items():
         turns = [t + 1 for t, v in enumerate(curve) if v is not None]
         ax.plot(turns, [v for v in curve if v is not None], marker="o", markersize=3, label=label)
-    ax.set(xlabel="turn", ylabel="share of replies obeying the system instruction", ylim=(-0.02, 1.02),
+    ax.set(xlabel="turn", ylabel="share obeying the instruction", ylim=(-0.02, 1.02),
            title=title)
     ax.grid(alpha=0.3)
     ax.legend()
