@@ -6,6 +6,13 @@ tensor `start_pos`, attention over the whole preallocated cache) fuses them into
 step keeps its own KV cache (the compiled code is specialised to it) and re-attaches it to the model before
 each use, as the CUDA-graph step does. Compiling takes tens of seconds per batch size and cache length, so it
 is opt-in (`generate(..., compile=True)`, `Llama.load(..., compile=True)`) and pays off over many tokens.
+
+With one sequence, the output projection is written as a multiply-and-sum over the model dimension, which
+the compiler turns into one reduction that streams the (vocab, dim) matrix at memory speed. As a matrix
+product it goes to the BLAS's matrix-vector path, which on a 2-core AMD EPYC (MKL 2024.2) read the 37 MB
+stories15M output matrix at 7.5 GB/s (4.9 ms) against 38.7 GB/s (0.95 ms) for the compiled reduction: it was
+half of every decoding step there. With more rows the matrix product reads the weights once for all of them,
+so it stays.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ class CompiledDecodeStep(CacheOwningStep):
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         super().__init__(model, batch_size, cache_len)
         self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
-        self.fn = torch.compile(lambda tokens, pos, positions, mask: model(tokens, pos, mask, positions),
+        forward = _one_row_forward(model) if batch_size == 1 else model
+        self.fn = torch.compile(lambda tokens, pos, positions, mask: forward(tokens, pos, mask, positions),
                                 dynamic=False)
 
     def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,6 +36,16 @@ class CompiledDecodeStep(CacheOwningStep):
         attending to the slots where `mask` (B, 1, 1, cache_len) is True."""
         self.pos.fill_(pos)
         return self.fn(tokens, self.pos, positions, mask)
+
+
+def _one_row_forward(model: Transformer):
+    """The model's logits with the output projection as a reduction (fp32, as `forward` returns them)."""
+
+    def forward(tokens, pos, mask, positions) -> torch.Tensor:
+        h = model.hidden_states(tokens, pos, mask, positions)  # (1, 1, dim)
+        return (h.unsqueeze(-2).float() * model.output.weight.float()).sum(-1)  # (1, 1, vocab)
+
+    return forward
 
 
 def compiled_step(model: Transformer, batch_size: int, cache_len: int) -> CompiledDecodeStep:
