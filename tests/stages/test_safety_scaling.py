@@ -51,7 +51,8 @@ def test_scaling_experiment_end_to_end(tmp_path, tiny_tokenizer_path):
     start = save_hf(model, tmp_path / "base", tokenizer_model=tiny_tokenizer_path)
     cfg = load_config(scaling.Config, overrides=[
         f"out_dir={tmp_path / 'scaling'}", f"init_from={start}", "data.helpful_dialogs=6", "data.safety_dialogs=4",
-        "data.fractions=[0.0,0.5]", "eval.prompts=2", "eval.max_gen_len=4", "epochs=1", "train.micro_batch_size=2",
+        "data.fractions=[0.0,0.5]", "eval.prompts=2", "eval.max_gen_len=4", "eval.temperature=0.6",
+        "eval.samples_per_prompt=2", "epochs=1", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.progress_bar=false", "train.precision=fp32", "train.device=cpu",
         "train.peak_tflops=1",
     ])
@@ -63,6 +64,7 @@ def test_scaling_experiment_end_to_end(tmp_path, tiny_tokenizer_path):
     for r in table["rows"]:
         assert 0.0 <= r["violation_rate"] <= 1.0 and r["safety_rm"] is None
         assert r["prompts"] == {"helpful": 2, "adversarial": 2, "borderline": 1}
+        assert r["decoding"]["temperature"] == 0.6 and r["decoding"]["samples_per_prompt"] == 2
     assert any("RM columns skipped" in n for n in table["notes"])
     assert "| 50% | 2 |" in (out / "scaling.md").read_text()
     assert (out / "scaling_scores.png").is_file() and (out / "false_refusal.png").is_file()

@@ -66,11 +66,20 @@ class ScalingEval:
     prompts: int = 100
     """Prompts per kind (borderline: half)."""
     max_gen_len: int = 64
+    temperature: float = 0.0
+    """0 is greedy; above 0 each prompt gets `samples_per_prompt` sampled replies, the replies users get."""
+    top_p: float = 0.9
+    samples_per_prompt: int = 1
     batch_size: int = 32
     helpfulness_rm: str | None = None
     """Helpfulness reward model (model or run directory); None: no helpfulness-RM column."""
     safety_rm: str | None = None
     """Safety reward model (model or run directory); None: no safety-RM column."""
+
+    def settings(self) -> ToyEvalSettings:
+        return ToyEvalSettings(prompts=self.prompts, max_gen_len=self.max_gen_len, temperature=self.temperature,
+                               top_p=self.top_p, samples_per_prompt=self.samples_per_prompt,
+                               batch_size=self.batch_size)
 
 
 @dataclass
@@ -131,17 +140,19 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def reward_scores(llm: Llama, world: ToyWorld, ev: ScalingEval) -> dict[str, float | None]:
-    """Step 3's RM columns: mean safety-RM score on adversarial prompts, helpfulness-RM on helpful ones."""
+    """Step 3's RM columns: mean safety-RM score on adversarial prompts, helpfulness-RM on helpful ones (over
+    every reply, decoded as the oracle columns are)."""
     from llama2.stages.reward_models import load_reward_model
 
-    settings = ToyEvalSettings(prompts=ev.prompts, max_gen_len=ev.max_gen_len, batch_size=ev.batch_size)
+    settings = ev.settings()
     prompts = load_prompts(world, settings, Path(ev.data_dir) if ev.data_dir else None)
     out: dict[str, float | None] = {"safety_rm": None, "helpfulness_rm": None}
     for key, path, kind in (("safety_rm", ev.safety_rm, "adversarial"), ("helpfulness_rm", ev.helpfulness_rm,
                                                                           "helpful")):
         if path:
-            dialogs = [m for m, _ in prompts[kind]]
-            replies = generate_replies(llm, dialogs, ev.max_gen_len, 0.0, 1.0, ev.batch_size, 0, f"scaling: {kind}")
+            dialogs = [m for m, _ in prompts[kind] for _ in range(settings.replies_per_prompt)]
+            replies = generate_replies(llm, dialogs, ev.max_gen_len, ev.temperature, ev.top_p, ev.batch_size, 0,
+                                       f"scaling: {kind}")
             out[key] = _mean(load_reward_model(path).score(dialogs, replies, ev.batch_size))
     return out
 
@@ -149,8 +160,7 @@ def reward_scores(llm: Llama, world: ToyWorld, ev: ScalingEval) -> dict[str, flo
 def evaluate(model: Path, world: ToyWorld, ev: ScalingEval) -> dict:
     """Step 3 for one fine-tuned model."""
     llm = Llama.load(model)
-    settings = ToyEvalSettings(prompts=ev.prompts, max_gen_len=ev.max_gen_len, batch_size=ev.batch_size)
-    oracle = oracle_evaluation(llm, world, settings, Path(ev.data_dir) if ev.data_dir else None)
+    oracle = oracle_evaluation(llm, world, ev.settings(), Path(ev.data_dir) if ev.data_dir else None)
     return {**reward_scores(llm, world, ev), **oracle}
 
 
