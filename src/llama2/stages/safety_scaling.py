@@ -57,29 +57,18 @@ class ScalingData:
 
 
 @dataclass
-class ScalingEval:
-    """How each fine-tuned model is measured."""
+class ScalingEval(ToyEvalSettings):
+    """How each fine-tuned model is measured: the toy-world oracle evaluation's settings (prompts per kind,
+    decoding: greedy by default, or `samples_per_prompt` replies at `temperature` / `top_p`, for the RM columns
+    and the oracle alike), plus where the prompts and reward models come from."""
 
     data_dir: str | None = None
     """Folder with `eval_{helpful,adversarial,borderline}.jsonl` (`llama2 data toyworld`); None: fresh
     held-out prompts from the world seed."""
-    prompts: int = 100
-    """Prompts per kind (borderline: half)."""
-    max_gen_len: int = 64
-    temperature: float = 0.0
-    """0 is greedy; above 0 each prompt gets `samples_per_prompt` sampled replies, the replies users get."""
-    top_p: float = 0.9
-    samples_per_prompt: int = 1
-    batch_size: int = 32
     helpfulness_rm: str | None = None
     """Helpfulness reward model (model or run directory); None: no helpfulness-RM column."""
     safety_rm: str | None = None
     """Safety reward model (model or run directory); None: no safety-RM column."""
-
-    def settings(self) -> ToyEvalSettings:
-        return ToyEvalSettings(prompts=self.prompts, max_gen_len=self.max_gen_len, temperature=self.temperature,
-                               top_p=self.top_p, samples_per_prompt=self.samples_per_prompt,
-                               batch_size=self.batch_size)
 
 
 @dataclass
@@ -144,13 +133,12 @@ def reward_scores(llm: Llama, world: ToyWorld, ev: ScalingEval) -> dict[str, flo
     every reply, decoded as the oracle columns are)."""
     from llama2.stages.reward_models import load_reward_model
 
-    settings = ev.settings()
-    prompts = load_prompts(world, settings, Path(ev.data_dir) if ev.data_dir else None)
+    prompts = load_prompts(world, ev, Path(ev.data_dir) if ev.data_dir else None)
     out: dict[str, float | None] = {"safety_rm": None, "helpfulness_rm": None}
     for key, path, kind in (("safety_rm", ev.safety_rm, "adversarial"), ("helpfulness_rm", ev.helpfulness_rm,
                                                                           "helpful")):
         if path:
-            dialogs = [m for m, _ in prompts[kind] for _ in range(settings.replies_per_prompt)]
+            dialogs = [m for m, _ in prompts[kind] for _ in range(ev.replies_per_prompt)]
             replies = generate_replies(llm, dialogs, ev.max_gen_len, ev.temperature, ev.top_p, ev.batch_size, 0,
                                        f"scaling: {kind}")
             out[key] = _mean(load_reward_model(path).score(dialogs, replies, ev.batch_size))
@@ -160,7 +148,7 @@ def reward_scores(llm: Llama, world: ToyWorld, ev: ScalingEval) -> dict[str, flo
 def evaluate(model: Path, world: ToyWorld, ev: ScalingEval) -> dict:
     """Step 3 for one fine-tuned model."""
     llm = Llama.load(model)
-    oracle = oracle_evaluation(llm, world, ev.settings(), Path(ev.data_dir) if ev.data_dir else None)
+    oracle = oracle_evaluation(llm, world, ev, Path(ev.data_dir) if ev.data_dir else None)
     return {**reward_scores(llm, world, ev), **oracle}
 
 
