@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from llama2.config import dump_config, load_config
 from llama2.data.formats import dumps
+from llama2.evaluation.safety import ToyEvalSettings
 from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
 from llama2.stages import safety_scaling as scaling_experiment
 from llama2.stages.artifacts import INSTRUCTION_PHASE, model_dir
@@ -63,26 +64,15 @@ class DataSettings:
 
 
 @dataclass
-class EvalSettings:
-    """How every stage's model is evaluated."""
+class EvalSettings(ToyEvalSettings):
+    """How every stage's model is evaluated: the toy-world oracle evaluation's settings (prompts per kind, the
+    paired helpful prompts, decoding: 0 judges each model's greedy reply, Meta's chat defaults 0.6 / top-p 0.9
+    judge the replies users get, where the tail of a model's distribution shows), plus GAtt adherence."""
 
-    prompts: int = 100
-    """Held-out prompts per kind (helpful, adversarial; borderline: half)."""
-    helpful_prompts: int | None = None
-    """Held-out helpful prompts, when not `prompts` (at most the data's `eval_helpful.jsonl`): the report's
-    helpfulness changes between stages are paired over them, with their standard errors."""
     gatt_dialogs: int = 24
     """Dialogs per constraint pool for GAtt adherence."""
     gatt_turns: int = 20
     """Turns of each GAtt adherence dialog."""
-    max_gen_len: int = 64
-    """Longest reply in the oracle evaluation."""
-    temperature: float = 0.0
-    """0 judges each model's greedy reply; Meta's chat defaults (0.6, top-p 0.9) judge the replies users get,
-    where the tail of a model's distribution shows."""
-    top_p: float = 0.9
-    samples_per_prompt: int = 1
-    """Replies judged per prompt when sampling; a prompt's score is their mean."""
 
 
 @dataclass
@@ -406,18 +396,16 @@ EVALUATED = {"base": "pretrain", "sft": "sft", "rejection_sampling": "rejection_
 def run_evaluation(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     from llama2.data.toyworld import ToyWorld
     from llama2.evaluation.dialogue import AdherenceSettings, evaluate_adherence
-    from llama2.evaluation.safety import ToyEvalSettings, oracle_evaluation
+    from llama2.evaluation.safety import oracle_evaluation
     from llama2.generation.llama import Llama
 
     world = ToyWorld(cfg.data.seed)
     e = cfg.evaluation
-    settings = ToyEvalSettings(prompts=e.prompts, helpful_prompts=e.helpful_prompts, max_gen_len=e.max_gen_len,
-                               temperature=e.temperature, top_p=e.top_p, samples_per_prompt=e.samples_per_prompt)
     models, adherence = {}, {}
     for name, stage in EVALUATED.items():
         llm = Llama.load(stage_model(out.parent, stage))
         print(f"evaluation: {name} model", file=sys.stderr)
-        models[name] = oracle_evaluation(llm, world, settings, out.parent / "data")
+        models[name] = oracle_evaluation(llm, world, e, out.parent / "data")
         if name in ("rlhf", "gatt"):
             adherence[name] = evaluate_adherence(llm, AdherenceSettings(dialogs=e.gatt_dialogs, turns=e.gatt_turns),
                                                  cfg.data.seed)
