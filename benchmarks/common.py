@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -47,3 +48,14 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
+
+
+def model_benchmark_main(run: Callable[[str, str, str], list[dict]], description: str) -> None:
+    """`--device`, `--preset` and `--dtype` for a benchmark of a random-weight model, then its table."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="stories15M")
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args()
+    print(f"machine: {machine()}\n")
+    print(markdown_table(run(a.device, a.preset, a.dtype)))

@@ -11,17 +11,14 @@ the same greedy replies (checked). Weights are random, as in `benchmarks.serving
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, markdown_table
-from benchmarks.serving_engine import WORDS, _tokenizer
-from llama2 import ModelArgs, Tokenizer, Transformer, encode_dialog
+from benchmarks.common import model_benchmark_main
+from benchmarks.serving_engine import WORDS, random_model, word_tokenizer
+from llama2 import Tokenizer, encode_dialog
 from llama2.serving.engine import Engine, Finished, SamplingParams, TextDelta
 
 CONVERSATIONS = 8
@@ -68,15 +65,10 @@ def _chat(engine: Engine, tokenizer: Tokenizer) -> tuple[list[list[str]], float]
 
 
 def run(device: str = "cpu", preset: str = "stories15M", dtype: str = "float32") -> list[dict]:
-    with tempfile.TemporaryDirectory(prefix="llama2-chat-bench-") as tmp:
-        tokenizer = _tokenizer(Path(tmp))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(ModelArgs.from_preset(preset, vocab_size=tokenizer.n_words, max_seq_len=CONTEXT))
-        model.init_weights()
+    tokenizer = word_tokenizer()
+    model = random_model(preset, tokenizer.n_words, CONTEXT, device, dtype)
     with torch.no_grad():  # random weights would end most replies at once: keep EOS below the likeliest piece
         model.output.weight[tokenizer.eos_id] = 0
-    model = model.to(getattr(torch, dtype)).eval()
     rows, replies = [], {}
     for store in (0, 2 * CONTEXT * CONVERSATIONS):
         engine = Engine(model, tokenizer, max_batch_size=CONVERSATIONS, prefix_cache_tokens=store).start()
@@ -102,10 +94,4 @@ def run(device: str = "cpu", preset: str = "stories15M", dtype: str = "float32")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="stories15M")
-    p.add_argument("--dtype", default="float32")
-    a = p.parse_args()
-    print(f"machine: {machine()}\n")
-    print(markdown_table(run(a.device, a.preset, a.dtype)))
+    model_benchmark_main(run, __doc__.splitlines()[0])

@@ -11,7 +11,6 @@ Weights are random; the tokenizer is a 384-piece SentencePiece model, and sampli
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, markdown_table
+from benchmarks.common import model_benchmark_main
 from llama2 import ModelArgs, Tokenizer, Transformer
 from llama2.generation.generator import generate
 from llama2.serving.engine import Engine, Finished, SamplingParams
@@ -30,13 +29,6 @@ CLIENTS = (1, 4, 16)
 REQUESTS = 3
 NEW_TOKENS = 128
 WORDS = ["owl", "river", "capital", "queen", "story", "song", "bird", "cat", "dog", "tree", "stone", "boat"]
-
-
-def _tokenizer(root: Path) -> Tokenizer:
-    n = len(WORDS)
-    lines = [f"The {WORDS[i % n]} saw the {WORDS[5 * i % n]} near the {WORDS[7 * i % n]} at {i}." for i in range(300)]
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    return Tokenizer(train_tokenizer([root / "corpus.txt"], root, vocab_size=384, num_threads=1))
 
 
 def _prompt(tokenizer: Tokenizer, i: int) -> list[int]:
@@ -103,14 +95,27 @@ def _load(engine: Engine, tokenizer: Tokenizer, clients: int) -> dict:
             "p50 latency s": f"{statistics.median(latencies):.2f}", "max latency s": f"{max(latencies):.2f}"}
 
 
-def run(device: str = "cpu", preset: str = "stories15M", dtype: str = "float32") -> list[dict]:
+def word_tokenizer() -> Tokenizer:
+    """A 384-piece SentencePiece model of sentences made from WORDS."""
+    n = len(WORDS)
+    lines = [f"The {WORDS[i % n]} saw the {WORDS[5 * i % n]} near the {WORDS[7 * i % n]} at {i}." for i in range(300)]
     with tempfile.TemporaryDirectory(prefix="llama2-engine-bench-") as tmp:
-        tokenizer = _tokenizer(Path(tmp))
+        root = Path(tmp)
+        (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+        return Tokenizer(train_tokenizer([root / "corpus.txt"], root, vocab_size=384, num_threads=1))
+
+
+def random_model(preset: str, vocab_size: int, max_seq_len: int, device: str, dtype: str) -> Transformer:
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(ModelArgs.from_preset(preset, vocab_size=tokenizer.n_words, max_seq_len=512))
+        model = Transformer(ModelArgs.from_preset(preset, vocab_size=vocab_size, max_seq_len=max_seq_len))
         model.init_weights()  # no seeded CPU generator: the weights may be on the GPU
-    model = model.to(getattr(torch, dtype)).eval()
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def run(device: str = "cpu", preset: str = "stories15M", dtype: str = "float32") -> list[dict]:
+    tokenizer = word_tokenizer()
+    model = random_model(preset, tokenizer.n_words, 512, device, dtype)
     engine = Engine(model, tokenizer, max_batch_size=16).start()
     try:
         if dtype == "float32":  # in 16-bit, kernels for different batch sizes round differently: greedy may diverge
@@ -127,10 +132,4 @@ def run(device: str = "cpu", preset: str = "stories15M", dtype: str = "float32")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="stories15M")
-    p.add_argument("--dtype", default="float32")
-    a = p.parse_args()
-    print(f"machine: {machine()}\n")
-    print(markdown_table(run(a.device, a.preset, a.dtype)))
+    model_benchmark_main(run, __doc__.splitlines()[0])

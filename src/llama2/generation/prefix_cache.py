@@ -19,6 +19,13 @@ import torch
 from llama2.model.transformer import Transformer
 
 
+def common_prefix(stored: Sequence[int], ids: Sequence[int]) -> int:
+    """Leading tokens of `ids` equal to those of `stored`; at most all but the last of `ids`, which is always fed
+    to get the next token's logits."""
+    limit = min(len(stored), len(ids) - 1)
+    return next((i for i in range(limit) if stored[i] != ids[i]), limit)
+
+
 class PrefixCache:
     """Per key: the prompt ids and their keys and values, (n_layers, 2, n_kv_heads, len, head_dim)."""
 
@@ -29,10 +36,7 @@ class PrefixCache:
         """Leading tokens of `ids` whose keys and values are stored under `key`; at most all but the last,
         which is always fed to get the next token's logits."""
         entry = self._entries.get(key)
-        if entry is None:
-            return 0
-        limit = min(len(entry[0]), len(ids) - 1)
-        return next((i for i in range(limit) if entry[0][i] != ids[i]), limit)
+        return 0 if entry is None else common_prefix(entry[0], ids)
 
     def load(self, model: Transformer, key: Hashable, count: int, row: int, slot: int) -> None:
         """Write the first `count` stored keys and values of `key` into the model's cache row `row` from slot

@@ -16,15 +16,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from llama2.generation.prefix_cache import common_prefix
 from llama2.serving.batched_forward import SlotCache
 
 
 @dataclass
 class _Entry:
-    ids: np.ndarray
+    ids: list[int]
     kv: torch.Tensor
     """(n_layers, 2, n_kv_heads, len(ids), head_dim): keys and values of `ids` at positions 0 …"""
 
@@ -48,14 +48,8 @@ class PrefixStore:
         """(entry key, count): the stored entry sharing the longest prefix with `ids`, and its length, at most
         all but the last id (which is always fed, to get the next token's logits). (None, 0) when none."""
         best, best_count = None, 0
-        query = np.asarray(ids, dtype=np.int64)
-        limit = len(query) - 1
         for key, entry in self._entries.items():
-            n = min(limit, len(entry.ids))
-            if n <= best_count:
-                continue
-            differ = np.flatnonzero(entry.ids[:n] != query[:n])
-            count = int(differ[0]) if differ.size else n
+            count = common_prefix(entry.ids, ids)
             if count > best_count:
                 best, best_count = key, count
         if best is not None:
@@ -76,10 +70,10 @@ class PrefixStore:
         kept. A sequence longer than the whole budget is not kept."""
         if not ids or len(ids) > self.max_tokens:
             return
-        new = np.asarray(ids, dtype=np.int64)
+        new = list(ids)
         for key, entry in list(self._entries.items()):
             n = min(len(entry.ids), len(new))
-            if np.array_equal(entry.ids[:n], new[:n]):
+            if entry.ids[:n] == new[:n]:
                 if len(entry.ids) >= len(new):
                     self._entries.move_to_end(key)
                     return
