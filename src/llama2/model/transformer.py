@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama2.model.args import ModelArgs
+from llama2.model.masked_attention import masked_attention
 
 
 class RMSNorm(nn.Module):
@@ -93,9 +94,12 @@ class Attention(nn.Module):
                 # A chunk after a prefix: causal with the diagonal shifted by start_pos.
                 mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(start_pos)
             is_causal = mask is None and seqlen > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, hd)
+        gqa = self.n_kv_heads != self.n_heads
+        if start_pos is None and mask is not None:
+            out = masked_attention(q, k, v, mask, enable_gqa=gqa)  # packed windows: skip masked-out keys
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        # out: (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

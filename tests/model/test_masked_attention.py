@@ -1,0 +1,57 @@
+import torch
+import torch.nn.functional as F
+
+from llama2.model.masked_attention import QUERY_TILE, key_spans, masked_attention
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T): causal within each run of equal doc ids, as packed SFT windows use."""
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & torch.ones_like(same[0]).tril())[:, None]
+
+
+def random_docs(batch: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.rand(batch, seqlen, generator=generator) < 0.02
+    return starts.cumsum(dim=1)
+
+
+def test_key_spans_are_the_narrowest_ranges_holding_every_allowed_key():
+    generator = torch.Generator().manual_seed(0)
+    mask = block_causal_mask(random_docs(3, 3 * QUERY_TILE + 17, generator))
+    spans = key_spans(mask)
+    assert [(s, e) for s, e, _, _ in spans] == [(s, min(s + QUERY_TILE, mask.shape[-1]))
+                                                for s in range(0, mask.shape[-1], QUERY_TILE)]
+    for start, end, lo, hi in spans:
+        allowed = mask[..., start:end, :].reshape(-1, mask.shape[-1]).any(dim=0).nonzero().flatten()
+        assert (lo, hi) == (int(allowed.min()), int(allowed.max()) + 1)
+        assert hi == end  # causal: nothing after the tile's last query
+    assert spans[-1][2] > 0  # the last tile does not reach back to the window's start
+
+
+def test_matches_dense_attention_and_its_gradients_on_packed_windows():
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, seqlen, head_dim = 2, 4, 2, 4 * QUERY_TILE + 5, 8
+    mask = block_causal_mask(random_docs(batch, seqlen, generator))
+    q = torch.randn(batch, heads, seqlen, head_dim, generator=generator, requires_grad=True)
+    k = torch.randn(batch, kv_heads, seqlen, head_dim, generator=generator, requires_grad=True)
+    v = torch.randn(batch, kv_heads, seqlen, head_dim, generator=generator, requires_grad=True)
+    weights = torch.randn(batch, heads, seqlen, head_dim, generator=generator)
+
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+    tiled = masked_attention(q, k, v, mask, enable_gqa=True)
+    tiled_grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
+
+    torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-5)
+    for got, want in zip(tiled_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_shared_by_the_batch_and_an_arbitrary_pattern_match_dense_attention():
+    generator = torch.Generator().manual_seed(2)
+    seqlen = 2 * QUERY_TILE + 3
+    mask = torch.rand(1, 1, seqlen, seqlen, generator=generator) < 0.1
+    mask |= torch.eye(seqlen, dtype=torch.bool)  # every row attends somewhere
+    q, k, v = (torch.randn(3, 2, seqlen, 8, generator=generator) for _ in range(3))
+    torch.testing.assert_close(masked_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
