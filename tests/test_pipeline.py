@@ -86,6 +86,13 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     mixed = (tmp_path / "run" / "safety" / "safety_sft.jsonl").read_text().splitlines()
     refusals = [json.loads(line)["messages"][-1]["content"] for line in mixed]
     assert len(mixed) == 20 and sum(r.startswith("I can't help you") for r in refusals) == 8
+    # GAtt fine-tuned on one-turn instruction dialogs beside its own synthetic ones
+    replay = [json.loads(line)["messages"] for line in
+              (tmp_path / "run" / "gatt" / "gatt_replay.jsonl").read_text().splitlines()]
+    assert len(replay) == cfg.gatt_replay and all([m["role"] for m in d] == ["system", "user", "assistant"]
+                                                   for d in replay)
+    gatt_config = next((tmp_path / "run" / "gatt" / "checkpoints").glob("*/config.yaml")).read_text()
+    assert "gatt_replay.jsonl" in gatt_config and "gatt_train.jsonl" in gatt_config
 
 
 def test_a_stage_whose_training_was_interrupted_is_not_marked_done(tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ class PipelineConfig:
     """Safety tuning of the GAtt model: targeted context distillation, with safety SFT data mixed in."""
     gatt: gatt.Config = field(default_factory=gatt.Config)
     """Ghost Attention (`out_dir` and `init_from` are set by the pipeline)."""
+    gatt_replay: int = 0
+    """One-turn dialogs obeying a system instruction (new ones, made like SFT's instruction phase) mixed into
+    the GAtt fine-tune as `gatt.mix_files`. 0: the GAtt dialogs alone."""
     safety_scaling: bool = False
     """Also run the safety-data scaling experiment (SPEC §10.3, Figs. 15 and 33) from the pretrained model,
     judged by the pipeline's reward models and oracles; its table and plots go into the report."""
@@ -380,8 +383,18 @@ def run_safety_scaling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
 
 def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    mix = list(cfg.gatt.mix_files)
+    if cfg.gatt_replay:
+        from llama2.data.toyworld import ToyWorld
+
+        replay = out / "gatt_replay.jsonl"
+        dialogs = ToyWorld(cfg.data.seed).constrained_dialogs(
+            cfg.gatt_replay, seed=25, transformed_hobby_rate=cfg.sft_instructions.transformed_hobby_rate)
+        out.mkdir(parents=True, exist_ok=True)
+        replay.write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+        mix.append(str(replay))
     stage = replace(cfg.gatt, out_dir=str(out), init_from=str(model_dir(out.parent / RLHF_MODEL)),
-                    data=replace(cfg.gatt.data, world_seed=cfg.data.seed))
+                    data=replace(cfg.gatt.data, world_seed=cfg.data.seed), mix_files=mix)
     summary = _train_summary(gatt.run(stage), out)
     return {**summary, **json.loads((out / "report.json").read_text())}
 

@@ -17,7 +17,7 @@ Step by step, as the paper describes it:
     turn t's reply within the whole dialog is exactly that example's loss (later turns are invisible to
     it); one dialog with every accepted reply trained (`"weight": 0` on the rejected ones) therefore holds
     all of the dialog's examples and computes their shared context once, not once per turn;
- 6. fine-tune through the SFT path.
+ 6. fine-tune through the SFT path (with any `mix_files` beside the GAtt dialogs).
 `report.json` in the run folder records how many replies were sampled and accepted.
 """
 
@@ -95,6 +95,9 @@ class Config:
     """Passes over the GAtt training dialogs."""
     block_diagonal: bool = True
     """Attention only within each packed dialog during fine-tuning."""
+    mix_files: list[str] = field(default_factory=list)
+    """Chat jsonl mixed into the fine-tune beside the GAtt dialogs (e.g. one-turn dialogs that obey a system
+    instruction), so that a few dozen synthetic dialogs do not wear down what the model did at turn 1."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
@@ -274,7 +277,7 @@ def run(cfg: Config) -> TrainResult:
         del llm
     # 6. fine-tune through the SFT path
     finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
-                          data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed,
+                          data=sft.SFTData(train_files=[str(train_file), *cfg.mix_files], seed=cfg.data.seed,
                                            block_diagonal=cfg.block_diagonal),
                           train=cfg.train)
     return sft.run(finetune)
