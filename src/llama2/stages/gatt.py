@@ -92,7 +92,7 @@ class Config:
     data: GAttData = field(default_factory=GAttData)
     """The synthetic dialogs."""
     epochs: float = 2.0
-    """Passes over the GAtt training dialogs."""
+    """Passes over the training dialogs (the GAtt dialogs and any `mix_files`)."""
     block_diagonal: bool = True
     """Attention only within each packed dialog during fine-tuning."""
     mix_files: list[str] = field(default_factory=list)
