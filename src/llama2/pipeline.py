@@ -514,7 +514,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="the whole recipe on the toy world, with a report",
                               description="Runs every stage of the Llama 2 recipe on the toy world and writes "
                               "report.md, report.json and plots. A rerun skips finished stages.")
-    p.add_argument("--preset", default="demo", help="smoke (about 3 minutes), demo (about 30 minutes), or a YAML path")
+    p.add_argument("--preset", default="demo",
+                   help="smoke (about 3 minutes), demo (23-37 minutes on 2 CPU cores), or a YAML path")
     p.add_argument("--out", default=None, help="run folder (default: the preset's out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a setting, e.g. --set sft.epochs=1 (repeatable; types are checked)")
