@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llama2.config import dump_config, load_config
-from llama2.data.formats import dumps
+from llama2.data.formats import dumps, write_chat
 from llama2.evaluation.safety import ToyEvalSettings
 from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
 from llama2.stages import safety_scaling as scaling_experiment
@@ -187,13 +187,12 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     manifest = write_toyworld(out, cfg.data.seed, cfg.data.size, log=lambda s: print(s, file=sys.stderr))
     world = ToyWorld(cfg.data.seed)
     dialogs = _helpful_dialogs(cfg, world, cfg.data.sft_dialogs, seed=0)
-    (out / "sft_helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+    write_chat(out / "sft_helpful.jsonl", dialogs)
     phase = cfg.sft_instructions
     if phase.dialogs:
-        instructions = world.constrained_dialogs(phase.dialogs, seed=0,
-                                                 transformed_hobby_rate=phase.transformed_hobby_rate)
+        instructions = _instruction_dialogs(cfg, world, phase.dialogs, seed=0)
         instructions += _helpful_dialogs(cfg, world, phase.replay, seed=24)
-        (out / "sft_instructions.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in instructions))
+        write_chat(out / "sft_instructions.jsonl", instructions)
     # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
     # for the reply), tagged for the safety gate (SPEC §8).
     rl = [_last_turns(d[:-1], 2) for d in world.sft_dialogs(cfg.data.rl_prompts, seed=7, safety_rate=0.35,
@@ -213,6 +212,12 @@ def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
                              constraint_rate=d.sft_constraint_rate,
                              constraint_in_user_rate=d.sft_constraint_in_user_rate,
                              careless_rate=d.sft_careless_rate)
+
+
+def _instruction_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
+    """`n` one-turn dialogs obeying a system instruction, with the instruction phase's share of transformed
+    hobbies: SFT's second phase, and the replay mixed into GAtt's fine-tune."""
+    return world.constrained_dialogs(n, seed=seed, transformed_hobby_rate=cfg.sft_instructions.transformed_hobby_rate)
 
 
 def _last_turns(dialog: list, turns: int) -> list:
@@ -360,7 +365,7 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
             if d.borderline else []
         dialogs += _helpful_dialogs(cfg, world, d.helpful_replay, seed=22) if d.helpful_replay else []
         mix = [out / "safety_sft.jsonl"]
-        mix[0].write_text("".join(dumps({"messages": m}) + "\n" for m in dialogs))
+        write_chat(mix[0], dialogs)
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,
                           safety_rm=str(root / "reward_safety") if d.score_with == "rm" else None,
                           data=replace(d.data, world_seed=cfg.data.seed), mix_files=[str(p) for p in mix],
@@ -388,10 +393,9 @@ def run_gatt(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         from llama2.data.toyworld import ToyWorld
 
         replay = out / "gatt_replay.jsonl"
-        dialogs = ToyWorld(cfg.data.seed).constrained_dialogs(
-            cfg.gatt_replay, seed=25, transformed_hobby_rate=cfg.sft_instructions.transformed_hobby_rate)
+        dialogs = _instruction_dialogs(cfg, ToyWorld(cfg.data.seed), cfg.gatt_replay, seed=25)
         out.mkdir(parents=True, exist_ok=True)
-        replay.write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+        write_chat(replay, dialogs)
         mix.append(str(replay))
     stage = replace(cfg.gatt, out_dir=str(out), init_from=str(model_dir(out.parent / RLHF_MODEL)),
                     data=replace(cfg.gatt.data, world_seed=cfg.data.seed), mix_files=mix)

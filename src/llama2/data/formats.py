@@ -96,6 +96,11 @@ def dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+def write_chat(path: str | Path, dialogs: list[list[Message]]) -> None:
+    """`dialogs` as a chat jsonl file (`{"messages": [...]}` a line), the form `read_chat` reads back."""
+    Path(path).write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+
+
 # --------------------------------------------------------------------------------------------------- lines
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llama2.data.formats import Message, dumps, read_chat
+from llama2.data.formats import Message, read_chat, write_chat
 from llama2.data.toyworld import ToyWorld
 from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.generation.llama import Llama
@@ -264,7 +264,7 @@ def run(cfg: Config) -> TrainResult:
         if not dialogs:
             raise ValueError("gatt: the checker accepted no sampled reply; the chat model cannot follow any "
                              "instruction yet (train SFT longer, or raise data.samples_per_turn)")
-        train_file.write_text("".join(dumps({"messages": d}) + "\n" for d in dialogs))
+        write_chat(train_file, dialogs)
         model_accepted = stats["turns_accepted"] - stats["oracle_fallbacks"]
         report = {**stats, "acceptance_rate": model_accepted / max(1, stats["replies_sampled"]),
                   "dialogs": len(conversations), "training_dialogs": len(dialogs),

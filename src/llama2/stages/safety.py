@@ -31,7 +31,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from llama2.data.formats import Message, dumps, read_chat
+from llama2.data.formats import Message, dumps, read_chat, write_chat
 from llama2.data.toyworld import ToyWorld
 from llama2.data.toyworld.dialogs import sample_adversarial
 from llama2.generation.llama import Llama
@@ -299,7 +299,7 @@ def run(cfg: Config) -> TrainResult:
         if not examples:
             raise ValueError("distill: no distilled answer scored above the answer without a preprompt; nothing "
                              "to fine-tune on (use more prompts, or data.targeted: false)")
-        train_file.write_text("".join(dumps({"messages": e}) + "\n" for e in examples))
+        write_chat(train_file, examples)
         report = build_report(cfg, prompts, scores, keep)
         plot_scores(scores, out / "distill_scores.png", report["scorer"])
         report_file.write_text(json.dumps(report, indent=2) + "\n")

@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llama2.data.formats import Message, dumps, read_chat
+from llama2.data.formats import Message, read_chat, write_chat
 from llama2.data.toyworld import ToyWorld
 from llama2.evaluation.safety import ToyEvalSettings, load_prompts, oracle_evaluation
 from llama2.generation.llama import Llama
@@ -218,8 +218,8 @@ def run(cfg: Config) -> TrainResult:
     source = model_dir(cfg.init_from)
     # 1. fixed helpfulness data, full safety set
     helpful, safety = build_data(cfg.data, world)
-    (out / "helpful.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in helpful))
-    (out / "safety.jsonl").write_text("".join(dumps({"messages": d}) + "\n" for d in safety))
+    write_chat(out / "helpful.jsonl", helpful)
+    write_chat(out / "safety.jsonl", safety)
     rows, result = [], None
     for fraction in cfg.data.fractions:
         run_dir = out / fraction_name(fraction)
@@ -227,7 +227,7 @@ def run(cfg: Config) -> TrainResult:
         # 2. mix and fine-tune from the same starting model
         mixed = mix(helpful, safety, fraction)
         train_file = run_dir / "train.jsonl"
-        train_file.write_text("".join(dumps({"messages": d}) + "\n" for d in mixed))
+        write_chat(train_file, mixed)
         result = sft.run(sft.Config(out_dir=str(run_dir), init_from=str(source), epochs=cfg.epochs,
                                     data=sft.SFTData(train_files=[str(train_file)], seed=cfg.data.seed),
                                     train=cfg.train))
