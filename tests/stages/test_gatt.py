@@ -174,6 +174,21 @@ def test_a_dialog_ends_at_a_turn_whose_samples_are_all_empty(world, tiny_tokeniz
     assert len(llm.calls) == 2 and all(len(c.replies) == len(c.accepted) == 1 for c in convs)
 
 
+def test_a_reply_cut_off_mid_sentence_is_context_only_even_when_the_checker_passes_it(world):
+    backspeak = [c for c in world.constraints.all if c.value == "Backspeak"]
+    cut, whole, english = "ehT rewsna si", "ehT rewsna si 42.", "The answer is 42."
+    assert world.check_constraint(backspeak, cut) and world.check_constraint(backspeak, whole)
+    assert not world.check_constraint(backspeak, english)
+    cfg = gatt.GAttData()
+    assert gatt._choose_reply(world, backspeak, [cut, whole], cfg) == (whole, True, False)
+    assert gatt._choose_reply(world, backspeak, [cut], cfg) == (cut, False, False)
+    assert gatt._choose_reply(world, backspeak, [cut, english], cfg) == (english, False, False)  # finished context
+    loose = gatt.GAttData(finished_only=False)
+    assert gatt._choose_reply(world, backspeak, [cut, whole], loose) == (cut, True, False)
+    assert [gatt.finished(t) for t in ("Yes.", "I enjoy chess. 🌟", "King Koruze rules", "64 sunim", "")] == [
+        True, True, False, False, False]
+
+
 @pytest.mark.slow
 def test_gatt_stage_end_to_end(tmp_path, world, tiny_tokenizer_path, monkeypatch):
     tok = Tokenizer(tiny_tokenizer_path)

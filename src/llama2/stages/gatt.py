@@ -75,6 +75,12 @@ class GAttData:
     """Also give the instruction as a system message while sampling (besides appending it to every user
     message, as the paper does): a small SFT model follows it best when it is in both places it was trained
     on, and more accepted replies mean longer GAtt dialogs."""
+    finished_only: bool = True
+    """Keep a reply only if it ends a sentence (its last character neither a letter nor a digit). The checker
+    passes a reply cut off before a number or a name ("ehT rewsna si") when every constraint it holds survives
+    the cut (Backspeak, capitals, a word limit): runs/demo27 trained on 38 such replies of 1369, and its GAtt
+    model cut its own replies off that way late in dialogs. An unfinished reply is context only, like a rejected
+    one, and the first finished sample is preferred as context."""
     oracle_fallback: bool = False
     """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
     the instruction (a plumbing aid for tiny smoke runs, not the paper's method; counted in the report)."""
@@ -200,7 +206,7 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
             texts = [t for t in (c["generation"]["content"].strip() for c in candidates) if t]
-            reply, accepted, rewritten = _choose_reply(world, conversations[i].constraints, texts, cfg.oracle_fallback)
+            reply, accepted, rewritten = _choose_reply(world, conversations[i].constraints, texts, cfg)
             if reply is None:
                 continue  # nothing to continue from: the dialog ends here
             conversations[i].replies.append(reply)
@@ -225,18 +231,27 @@ def _fitting_context(llm: Llama, conversation: Conversation, turn: int, cfg: GAt
     return None
 
 
-def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[str], oracle_fallback: bool
+def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[str], cfg: GAttData
                   ) -> tuple[str | None, bool, bool]:
-    """(reply, accepted, rewritten) for one turn's non-empty samples: the first the checker accepts; else, with
-    `oracle_fallback`, the toy world's rewrite of the first; else the first as context only (None: no sample)."""
-    ok = next((t for t in texts if world.check_constraint(constraints, t)), None)
+    """(reply, accepted, rewritten) for one turn's non-empty samples: the first the checker accepts (and, with
+    `finished_only`, that ends a sentence); else, with `oracle_fallback`, the toy world's rewrite of the first;
+    else the first (finished one, if any) as context only (None: no sample)."""
+    if cfg.finished_only:
+        texts = sorted(texts, key=lambda t: not finished(t))  # stable: finished samples first, in sampled order
+    ok = next((t for t in texts if world.check_constraint(constraints, t) and (finished(t) or not cfg.finished_only)),
+              None)
     if ok is not None:
         return ok, True, False
-    if oracle_fallback:
+    if cfg.oracle_fallback:
         rewrite = world.constraints.apply(constraints, texts[0] if texts else "Yes.")
         if world.check_constraint(constraints, rewrite):
             return rewrite, True, True
     return (texts[0] if texts else None), False, False
+
+
+def finished(reply: str) -> bool:
+    """Does the reply end a sentence? A last character that is a letter or a digit means it stopped mid-way."""
+    return bool(reply) and not reply[-1].isalnum()
 
 
 def training_dialogs(conversations: list[Conversation]) -> list[list[Message]]:
