@@ -73,7 +73,9 @@ def test_one_query_attention_equals_sdpa(kv_heads):
 @pytest.mark.slow
 def test_each_compiled_step_runs_its_own_model_and_sees_weight_updates():
     """Steps skip guards on their model's parameters: one model's step must never run for another model of
-    the same shape, and an in-place update of the weights (an optimizer step) must reach the compiled step."""
+    the same shape, and an in-place update of the weights (an optimizer step) must reach the compiled step.
+    Each step compiles its own code: with a recompile limit of 1, the two batched steps of one model here
+    would fail if they shared one."""
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
     models = []
     for seed in (0, 1):
@@ -82,10 +84,11 @@ def test_each_compiled_step_runs_its_own_model_and_sees_weight_updates():
         with torch.no_grad():
             model.output.weight.mul_(8.0)
         models.append(model.eval())
-    for prompts in ([[1, 5, 9, 17, 33]], [[1, 5, 9, 17, 33], [1, 7, 2]]):  # the one-row step and the batched one
-        for model in models * 2:
-            eager = generate(model, prompts, 12, stop_ids=[], temperature=0).tokens
-            assert generate(model, prompts, 12, stop_ids=[], temperature=0, compile=True).tokens == eager
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for prompts in ([[1, 5, 9, 17, 33]], [[1, 5, 9, 17, 33], [1, 7, 2]], [[1, 5], [1, 7, 2], [1, 3, 4, 8]]):
+            for model in models * 2:
+                eager = generate(model, prompts, 12, stop_ids=[], temperature=0).tokens
+                assert generate(model, prompts, 12, stop_ids=[], temperature=0, compile=True).tokens == eager
     prompt = [[1, 5, 9, 17, 33]]
     first = models[0]
     before = generate(first, prompt, 12, stop_ids=[], temperature=0, compile=True).tokens

@@ -20,6 +20,9 @@ the same way (scores, softmax and weighted sum as reductions over the cache): Py
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -27,17 +30,26 @@ from torch.overrides import TorchFunctionMode
 from llama2.generation.step_cache import CacheOwningStep, cached_step
 from llama2.model.transformer import Transformer
 
+_STEP_IDS = itertools.count()
+
 
 class CompiledDecodeStep(CacheOwningStep):
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         super().__init__(model, batch_size, cache_len)
         self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
         forward = _one_row_forward(model) if batch_size == 1 else model
-        # No guards on the model's ~70 parameters and buffers at every call (0.29 ms of a 3 ms stories15M
-        # step): the weights are still read at each call, so in-place updates are seen, and a moved or cast
-        # model gets a new step (see `step_cache`). A test checks that same-shape models never share a step.
-        self.fn = torch.compile(lambda tokens, pos, positions, mask: forward(tokens, pos, mask, positions),
-                                dynamic=False, fullgraph=True,
+
+        def step(tokens, pos, positions, mask):
+            return forward(tokens, pos, mask, positions)
+
+        # TorchDynamo keeps compiled code per code object, at most `recompile_limit` (8) entries, so with one
+        # shared function the ninth step shape would fail: each step gets a code object of its own. Its
+        # guards skip the model's ~70 parameters and buffers (0.29 ms of a 3 ms stories15M step); the
+        # weights are still read at each call, so in-place updates are seen, and a moved or cast model gets
+        # a new step (see `step_cache`). Tests check both.
+        own = types.FunctionType(step.__code__.replace(co_name=f"decode_step_{next(_STEP_IDS)}"),
+                                 step.__globals__, closure=step.__closure__)
+        self.fn = torch.compile(own, dynamic=False, fullgraph=True,
                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
