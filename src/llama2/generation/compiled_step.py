@@ -71,17 +71,17 @@ class OneRowOps(TorchFunctionMode):
             out = (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
             return out if bias is None else out + bias
         if func is F.scaled_dot_product_attention and _one_query(args, kwargs):
-            return one_query_attention(*args, **{k: v for k, v in kwargs.items() if k not in _NO_OPS})
+            return one_query_attention(*args, **{k: v for k, v in kwargs.items() if k not in _OFF_FLAGS})
         return func(*args, **kwargs)
 
 
-_NO_OPS = ("is_causal", "dropout_p")
+_OFF_FLAGS = ("is_causal", "dropout_p")  # SDPA flags `one_query_attention` handles only when they are off
 
 
 def _one_query(args: tuple, kwargs: dict) -> bool:
     """One query, all of q, k, v given by position, a boolean mask or none, no causal flag, no dropout."""
     mask = kwargs.get("attn_mask")
-    return (len(args) == 3 and args[0].shape[-2] == 1 and not any(kwargs.get(k) for k in _NO_OPS)
+    return (len(args) == 3 and args[0].shape[-2] == 1 and not any(kwargs.get(k) for k in _OFF_FLAGS)
             and (mask is None or mask.dtype == torch.bool))
 
 

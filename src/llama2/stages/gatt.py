@@ -236,17 +236,16 @@ def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[st
     """(reply, accepted, rewritten) for one turn's non-empty samples: the first the checker accepts (and, with
     `finished_only`, that ends a sentence); else, with `oracle_fallback`, the toy world's rewrite of the first;
     else the first (finished one, if any) as context only (None: no sample)."""
-    if cfg.finished_only:
-        texts = sorted(texts, key=lambda t: not finished(t))  # stable: finished samples first, in sampled order
-    ok = next((t for t in texts if world.check_constraint(constraints, t) and (finished(t) or not cfg.finished_only)),
-              None)
+    usable = [t for t in texts if finished(t)] if cfg.finished_only else texts
+    ok = next((t for t in usable if world.check_constraint(constraints, t)), None)
     if ok is not None:
         return ok, True, False
+    first = (usable or texts or [None])[0]
     if cfg.oracle_fallback:
-        rewrite = world.constraints.apply(constraints, texts[0] if texts else "Yes.")
+        rewrite = world.constraints.apply(constraints, first or "Yes.")
         if world.check_constraint(constraints, rewrite):
             return rewrite, True, True
-    return (texts[0] if texts else None), False, False
+    return first, False, False
 
 
 def finished(reply: str) -> bool:
