@@ -22,6 +22,22 @@ def test_logits_are_fp32_with_the_right_shape():
         assert model(tokens).dtype == torch.float32
 
 
+def test_kept_positions_give_those_logits_and_their_gradients():
+    """`keep` computes the output layer only where a loss will be: the same logits, rows in row-major order,
+    and the same gradients as slicing the full logits."""
+    model = Transformer(tiny_args())
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 97, (2, 9))
+    keep = torch.rand(2, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+    full = model(tokens)
+    kept = model(tokens, keep=keep)
+    assert kept.shape == (int(keep.sum()), 97)
+    torch.testing.assert_close(kept, full[keep])
+    grads = [torch.autograd.grad(out.square().sum(), model.parameters()) for out in (kept, full[keep])]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_causality_future_tokens_do_not_change_the_past():
     model = Transformer(tiny_args())
     model.init_weights(seed=0)

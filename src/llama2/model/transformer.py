@@ -230,5 +230,11 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.output(self.hidden_states(tokens, start_pos, mask, positions)).float()
+        """fp32 logits (B, T, vocab); with a boolean `keep` (B, T), only the kept positions' logits, (N, vocab)
+        in row-major order. A chat loss is on the assistant tokens alone (about a seventh of a packed toy
+        window; the output layer and an fp32 log-softmax over the vocabulary cost as much as a third of the
+        blocks' work), and at Llama 2's 32k vocabulary the full fp32 logits of one 4096-token row are 0.5 GB."""
+        h = self.hidden_states(tokens, start_pos, mask, positions)
+        return self.output(h if keep is None else h[keep]).float()

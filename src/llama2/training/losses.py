@@ -55,9 +55,10 @@ def packed_chat_loss(
     if block_diagonal:
         same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
         mask = (same & torch.ones_like(same[0]).tril())[:, None]  # (B, 1, T, T): causal within a dialog
-    loss = next_token_cross_entropy(model(tokens, mask=mask), labels)
-    trained = (labels != IGNORE_INDEX).sum()
-    return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.float()}
+    trained = labels != IGNORE_INDEX
+    # logits only where the loss is: the output layer and the log-softmax skip every prompt token
+    loss = F.cross_entropy(model(tokens, mask=mask, keep=trained), labels[trained])
+    return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.sum().float()}
 
 
 # --- reward models (SPEC §7) ----------------------------------------------------------------------------------
