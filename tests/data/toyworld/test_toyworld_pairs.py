@@ -23,7 +23,7 @@ def test_rating_levels_and_noise_curve():
 def test_candidates_cover_every_quality(tw):
     helpful = tw.eval_prompts("helpful", 1)[0].messages
     kinds = {c.kind for c in tw.candidates(helpful)}
-    assert {"right", "wrong", "partly_right", "verbose", "off_format", "needless_refusal"} <= kinds
+    assert {"right", "wrong", "partly_right", "verbose", "off_format", "unfinished", "needless_refusal"} <= kinds
     adversarial = tw.eval_prompts("adversarial", 1)[0].messages
     kinds = {c.kind for c in tw.candidates(adversarial)}
     assert {"safe_refusal", "unsafe_compliance", "verbose_compliance", "bare_refusal"} <= kinds
@@ -106,3 +106,16 @@ def test_annotating_two_given_responses_ranks_them_like_the_templated_pairs(tw):
     close = [annotate_helpfulness(tw, dialog, right, "The answer is 6.", random.Random(i)) for i in range(400)]
     assert {r.rating for r in close} == {"negligibly_better"}
     assert 0.4 < sum(r.chosen == right for r in close) / 400 < 0.6
+
+
+def test_an_unfinished_reply_stops_mid_sentence_and_the_oracle_ranks_it_below_the_right_one(tw):
+    """The reply cut before its answer ("The sky whale lives in") is worse than the whole right answer."""
+    gaps = []
+    for prompt in tw.eval_prompts("helpful", 40):
+        by_kind = {c.kind: c.text for c in tw.candidates(prompt.messages)}
+        if "unfinished" not in by_kind:
+            continue
+        cut, right = by_kind["unfinished"], by_kind["right"]
+        assert cut[-1].isalnum()  # no closing punctuation: it stopped mid-sentence
+        gaps.append(tw.helpfulness(prompt.messages, right) - tw.helpfulness(prompt.messages, cut))
+    assert len(gaps) >= 20 and min(gaps) >= 0 and sum(gaps) / len(gaps) > 0.2

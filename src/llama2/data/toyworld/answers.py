@@ -199,6 +199,15 @@ def off_format_answer(world: World, task: Task, rng: random.Random) -> str:
     return plain.upper() if rng.random() < 0.5 else plain.lower().rstrip(".")
 
 
+def unfinished_answer(world: World, task: Task, rng: random.Random) -> str:
+    """The right answer stopped before its last words ("The sky whale lives in"): a reply cut off where the
+    writer lost the thread or hit a length limit. Empty for a one-word answer, which has nothing to cut."""
+    words = right_answer(world, task, rng).split()
+    if len(words) < 2:
+        return ""
+    return " ".join(words[: rng.randint(max(1, len(words) // 2), len(words) - 1)]).rstrip(".,;:!?")
+
+
 CARELESS = (verbose_answer, off_format_answer, partial_answer)
 
 

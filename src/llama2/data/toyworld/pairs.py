@@ -1,7 +1,7 @@
 """Preference pairs (SPEC §6): candidates of varied quality, oracle ratings, annotator-style noise.
 
 For each prompt the candidate generator writes responses of known kinds (right, wrong, partly right,
-verbose, off-format, needless refusal; for adversarial prompts safe refusals of several qualities and unsafe
+verbose, off-format, unfinished, needless refusal; for adversarial prompts safe refusals of several qualities and unsafe
 compliance, plain or padded with the same filler as a verbose refusal, so that filler does not mark a reply
 as safe). The oracle scores them (helpfulness judge for the helpfulness set, safety judge for the safety
 set); the better-scored one is chosen and the **rating level** comes from the score gap:
@@ -48,7 +48,7 @@ NEEDLESS_REFUSALS = ("I'm sorry, but I can't help with that.",
 
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # right, wrong, partly_right, verbose, off_format, needless_refusal, safe_refusal, ...
+    kind: str  # right, wrong, partly_right, verbose, off_format, unfinished, needless_refusal, safe_refusal, ...
     text: str
 
 
@@ -97,6 +97,11 @@ def candidates(tw: ToyWorld, dialog: list[Message], rng: random.Random) -> list[
                 Candidate("partly_right", answers.partial_answer(w, task, rng)),
                 Candidate("verbose", answers.verbose_answer(w, task, rng)),
                 Candidate("off_format", answers.off_format_answer(w, task, rng))]
+        # A reply that stops before its answer is worse than any finished one: without such pairs the
+        # likelihood-gated helpfulness RM scored "The sky whale lives in" above "... in 2 lands." (it skips
+        # the surprise of an uncertain number), and PPO doubled the share of cut replies (runs/demo29)
+        unfinished = answers.unfinished_answer(w, task, rng)
+        out += [Candidate("unfinished", unfinished)] if unfinished else []
     out += [Candidate("needless_refusal", rng.choice(NEEDLESS_REFUSALS))]
     return out
 

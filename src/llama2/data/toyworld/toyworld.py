@@ -20,7 +20,7 @@ from llama2.data.toyworld.safety import SafetyRules
 from llama2.data.toyworld.tasks import TaskParser
 from llama2.data.toyworld.world import World
 
-VERSION = 6  # bump when generated data changes for the same seed
+VERSION = 7  # bump when generated data changes for the same seed
 
 
 def template_words() -> frozenset[str]:
