@@ -25,7 +25,8 @@ LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Metrics]]
 
 
 def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `logits` (B, T, V) against `labels` (B, T), skipping IGNORE_INDEX.
+    """Mean cross-entropy of `logits` (..., V) against `labels` (...), e.g. (B, T, V) and (B, T) or the kept
+    positions' (N, V) and (N,), skipping IGNORE_INDEX.
 
     `labels[:, t]` is the token that should follow position t (already shifted by the data pipeline), so
     this function never slices: packing and chat masking decide which positions count.
@@ -57,7 +58,7 @@ def packed_chat_loss(
         mask = (same & torch.ones_like(same[0]).tril())[:, None]  # (B, 1, T, T): causal within a dialog
     trained = labels != IGNORE_INDEX
     # logits only where the loss is: the output layer and the log-softmax skip every prompt token
-    loss = F.cross_entropy(model(tokens, mask=mask, keep=trained), labels[trained])
+    loss = next_token_cross_entropy(model(tokens, mask=mask, keep=trained), labels[trained])
     return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.sum().float()}
 
 
