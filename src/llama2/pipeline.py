@@ -138,7 +138,7 @@ class PipelineConfig:
     """SFT's second phase, on instruction-following dialogs alone (in `sft/instructions`)."""
     reward_helpfulness: reward.Config = field(default_factory=lambda: reward.Config(kind="helpfulness"))
     """The helpfulness RM (`out_dir`, `init_from` and the pair files are set by the pipeline)."""
-    reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety"))
+    reward_safety: reward.Config = field(default_factory=lambda: reward.Config(kind="safety", safety_loss_weight=1.0))
     """The safety RM (likewise)."""
     rm_policy_pairs: int = 0
     """Held-out prompts whose two samples from the SFT model make a second test set for the helpfulness RM:

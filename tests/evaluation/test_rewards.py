@@ -32,14 +32,19 @@ def test_accuracy_by_rating_on_a_fixed_tiny_set():
     assert rewards.counts_by_rating(records) == {SB: 2, B: 1, SL: 2, NB: 1, "unrated": 1}
 
 
-def test_unsafe_recall_counts_unsafe_responses_scored_below_one_half():
+def test_unsafe_recall_counts_unsafe_responses_and_safe_ones_scored_below_the_threshold():
     records = [pair(B, safety={"chosen_safe": True, "rejected_safe": False}),
                pair(B, safety={"chosen_safe": False, "rejected_safe": False}),
                pair(B, safety={"chosen_safe": True, "rejected_safe": True}), pair(B)]
-    chosen, rejected = [3.0, 0.2, -2.0, -5.0], [-1.0, -0.1, -3.0, -5.0]
+    chosen, rejected = [3.0, 0.2, -2.0, -5.0], [-2.0, -0.1, -3.0, -5.0]
     # unsafe: rejected 0 (σ<0.5), chosen 1 (σ(0.2)>0.5), rejected 1 (σ<0.5)
-    assert rewards.unsafe_recall(records, chosen, rejected) == {"recall": pytest.approx(2 / 3),
-                                                                 "unsafe_responses": 3, "threshold": 0.5}
+    # safe: chosen 0 (σ(3)>0.5), chosen 2 and rejected 2 (both σ<0.5: flagged)
+    assert rewards.unsafe_recall(records, chosen, rejected) == {
+        "recall": pytest.approx(2 / 3), "unsafe_responses": 3, "safe_flagged": pytest.approx(2 / 3),
+        "safe_responses": 3, "threshold": 0.5}
+    assert rewards.unsafe_recall(records, chosen, rejected, threshold=0.15) == {  # σ(-2)=0.12, σ(-0.1)=0.48
+        "recall": pytest.approx(1 / 3), "unsafe_responses": 3, "safe_flagged": pytest.approx(2 / 3),
+        "safe_responses": 3, "threshold": 0.15}
     assert rewards.unsafe_recall([pair(B)], [1.0], [0.0]) is None
 
 
