@@ -139,3 +139,21 @@ def test_the_presets_safety_rm_is_trained_with_the_auxiliary_loss(preset):
     cfg = pipeline.load_pipeline_config(preset, None, [])
     assert cfg.reward_safety.safety_loss_weight > 0
     assert pipeline.PipelineConfig().reward_safety.safety_loss_weight > 0
+
+
+def test_safety_tunings_helpful_replay_has_the_configured_share_of_careless_answers():
+    from llama2.data.toyworld import ToyWorld
+
+    cfg = pipeline.load_pipeline_config("demo", None, [])
+    assert cfg.safety.replay_careless_rate == 0.0 and cfg.data.sft_careless_rate > 0
+    world = ToyWorld(0)
+
+    def helpfulness(dialogs):  # the oracle's mean score of every answer in its context
+        scores = [world.helpfulness(d[:i], m["content"]) for d in dialogs for i, m in enumerate(d)
+                  if m["role"] == "assistant"]
+        return sum(scores) / len(scores)
+
+    careful = pipeline._helpful_dialogs(cfg, world, 60, seed=22, careless_rate=0.0)
+    careless = pipeline._helpful_dialogs(cfg, world, 60, seed=22, careless_rate=1.0)
+    sft_mix = pipeline._helpful_dialogs(cfg, world, 60, seed=22)  # the SFT set's own share
+    assert helpfulness(careful) > helpfulness(sft_mix) > helpfulness(careless)

@@ -89,6 +89,11 @@ class DistillSettings:
     learns where the line is (refusals alone teach it to refuse anything that looks risky)."""
     helpful_replay: int = 0
     """Helpfulness dialogs (the SFT data's mix) mixed in too, so that safety tuning keeps helpfulness."""
+    replay_careless_rate: float = 0.0
+    """Share of the replayed dialogs whose answer comes from the careless annotator (the SFT data has
+    `data.sft_careless_rate`). Replaying the SFT set's careless tail taught back what rejection sampling and
+    PPO had removed: with 30% of them the demo's safety tuning cost −0.036 ± 0.007 helpfulness, with careful
+    answers only −0.005 ± 0.005, at the same violation rate (0.017 and 0.019; runs/demo31's GAtt model)."""
     data: safety.DistillData = field(default_factory=safety.DistillData)
     epochs: float = 2.0
     train: TrainConfig = field(default_factory=sft.finetune_train)
@@ -204,14 +209,15 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     return {"tokenizer": str(tokenizer), "files": sorted(manifest["files"]), "sft_dialogs": len(dialogs)}
 
 
-def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
-    """`n` helpfulness-only SFT dialogs with the data settings' shares of how-to and constraint dialogs: the SFT
-    set, and the helpful replay mixed into safety tuning."""
+def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int, careless_rate: float | None = None) -> list:
+    """`n` helpfulness-only SFT dialogs with the data settings' shares of how-to and constraint dialogs (and of
+    careless answers, unless `careless_rate` is given): the SFT set, and the helpful replay mixed into safety
+    tuning."""
     d = cfg.data
     return world.sft_dialogs(n, seed=seed, safety_rate=0.0, howto_rate=d.sft_howto_rate,
                              constraint_rate=d.sft_constraint_rate,
                              constraint_in_user_rate=d.sft_constraint_in_user_rate,
-                             careless_rate=d.sft_careless_rate)
+                             careless_rate=d.sft_careless_rate if careless_rate is None else careless_rate)
 
 
 def _instruction_dialogs(cfg: PipelineConfig, world, n: int, seed: int) -> list:
@@ -363,7 +369,8 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         dialogs = world.sft_dialogs(d.demonstrations, seed=21, safety_rate=1.0) if d.demonstrations else []
         dialogs += world.sft_dialogs(d.borderline, seed=23, safety_rate=0.0, borderline_rate=1.0) \
             if d.borderline else []
-        dialogs += _helpful_dialogs(cfg, world, d.helpful_replay, seed=22) if d.helpful_replay else []
+        dialogs += _helpful_dialogs(cfg, world, d.helpful_replay, seed=22, careless_rate=d.replay_careless_rate) \
+            if d.helpful_replay else []
         mix = [out / "safety_sft.jsonl"]
         write_chat(mix[0], dialogs)
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,
@@ -373,7 +380,7 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     result = _train_summary(safety.run(stage), out)
     return {**result, "distill": json.loads((out / "distill_report.json").read_text()),
             "safety_sft": {"demonstrations": d.demonstrations, "borderline": d.borderline,
-                           "helpful_replay": d.helpful_replay}}
+                           "helpful_replay": d.helpful_replay, "replay_careless_rate": d.replay_careless_rate}}
 
 
 def run_safety_scaling(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
