@@ -52,6 +52,20 @@ def test_yaml_and_overrides_build_typed_nested_config(tmp_path):
     assert isinstance(cfg.inner.lr, float)  # YAML reads 3e-4 as a string; it is converted, not rejected
 
 
+@dataclass
+class WithFactorySection:
+    fast: Inner = field(default_factory=lambda: Inner(lr=0.5, mode="b"))
+    """a section whose default differs from Inner's own"""
+
+
+def test_a_section_in_a_file_overrides_only_the_keys_it_names(tmp_path):
+    # the rest keep the field's default (its factory's values), not the section class's defaults
+    cfg = load_config(WithFactorySection, write(tmp_path, "fast:\n  steps: 3\n"))
+    assert cfg.fast == Inner(lr=0.5, steps=3, mode="b")
+    assert load_config(WithFactorySection, None, ["fast.lr=0.1"]).fast == Inner(lr=0.1, steps=10, mode="b")
+    assert load_config(WithFactorySection).fast == Inner(lr=0.5, mode="b")
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = Outer(name="r", files=["a"], limit=3, inner=Inner(lr=0.5, steps=2, mode="b"))
     path = tmp_path / "resolved.yaml"

@@ -133,9 +133,8 @@ def _recording(stage, ran):
 
 @pytest.mark.parametrize("preset", ["smoke", "demo"])
 def test_the_presets_safety_rm_is_trained_with_the_auxiliary_loss(preset):
-    # A YAML `reward_safety:` section is built from reward.Config's own defaults (auxiliary loss off), so each
-    # preset must ask for it: without it the safety RM's level is free, and PPO's 0.15 gate fired on 15% of
-    # the demo's replies to helpful prompts
+    # without it the safety RM's level is free, and PPO's 0.15 gate fired on 15% of the demo's replies to
+    # helpful prompts (the presets' `reward_safety:` sections once replaced the field's default entirely)
     cfg = pipeline.load_pipeline_config(preset, None, [])
     assert cfg.reward_safety.safety_loss_weight > 0
     assert pipeline.PipelineConfig().reward_safety.safety_loss_weight > 0

@@ -65,8 +65,11 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:
-    """Check `data` against the dataclass `cls` (recursively) and build it."""
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "", base: Any = None) -> T:
+    """Check `data` against the dataclass `cls` (recursively) and build it. A key `data` leaves out keeps its value
+    in `base` (the default of the field holding this section), else the dataclass default: a section in a file
+    overrides only what it names, so `field(default_factory=lambda: reward.Config(kind="safety", ...))` keeps
+    its settings when a preset sets the section's learning rate."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -80,8 +83,11 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
     values = {}
     for name, f in fields.items():
         key = prefix + name
+        default = getattr(base, name) if base is not None else _field_default(f)
         if name in data:
-            values[name] = _check(hints[name], data[name], source, key)
+            values[name] = _check(hints[name], data[name], source, key, default)
+        elif base is not None:
+            values[name] = default
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 values[name] = from_dict(hints[name], {}, source, key + ".")
@@ -93,12 +99,21 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {exc}") from exc
 
 
-def _check(tp: Any, value: Any, source: str, key: str) -> Any:
-    """`value` converted to `tp`, or a ConfigError naming the key. Only lossless conversions are made."""
+def _field_default(f: dataclasses.Field) -> Any:
+    """The field's default value (a fresh one from its factory), or None when it has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _check(tp: Any, value: Any, source: str, key: str, default: Any = None) -> Any:
+    """`value` converted to `tp`, or a ConfigError naming the key. Only lossless conversions are made. A section
+    (a dataclass `tp`) is built on top of `default` when that is an instance of it."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, source, key + ".")
+        base = default if isinstance(default, tp) else None
+        return from_dict(tp, value if value is not None else {}, source, key + ".", base)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
