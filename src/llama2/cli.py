@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 COMMAND_MODULES = [
@@ -41,14 +43,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        code = 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         # Expected user errors (bad files, configs, checkpoints) print one clear line, not a traceback.
         print(f"llama2 {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    if _is_torchrun_worker():
+        _exit_now(code)
+    return code
+
+
+def _is_torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _exit_now(code: int) -> None:
+    """End a torchrun worker without interpreter finalization. Its work is done and written (every process met
+    at the run's closing barrier and left the process group), but finalization still destroys whatever torch
+    objects gloo's C++ threads reference, and twice in CI that aborted a worker after a complete run
+    ("terminate called without an active exception", exit -6), failing the whole torchrun job. Upstream knows
+    the hazard (pytorch/pytorch#179291, #190489) and has no fix; the process's files are closed already."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
