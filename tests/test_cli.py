@@ -1,4 +1,5 @@
 import argparse
+import os
 import subprocess
 import sys
 
@@ -23,3 +24,14 @@ def test_every_command_answers_help():
 def test_no_command_prints_help_and_fails():
     proc = subprocess.run([sys.executable, "-m", "llama2.cli"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "COMMAND" in proc.stdout
+
+
+def test_a_torchrun_worker_exits_with_the_commands_status_without_finalization(tmp_path):
+    script = ("import atexit; atexit.register(lambda: print('finalized')); from llama2.cli import main; "
+              f"main(['pretrain', '--config', '{tmp_path / 'missing.yaml'}'])")
+    alone = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0 and "finalized" in alone.stdout  # main returns; the interpreter finalizes
+    env = {**os.environ, "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "test"}
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert worker.returncode == 1 and "missing.yaml" in worker.stderr
+    assert "finalized" not in worker.stdout
