@@ -7,6 +7,7 @@ Where the toy world does not reproduce a paper result, the report says so next t
 from __future__ import annotations
 
 import json
+import math
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -184,10 +185,11 @@ def _rm_checks(rms: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 
 def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms: dict[str, Any],
-            best_of_n: dict[str, Any], ppo: dict[str, Any], changes: list[dict[str, Any]] = ()
-            ) -> list[tuple[str, bool, str]]:
+            best_of_n: dict[str, Any], ppo: dict[str, Any], changes: list[dict[str, Any]] = (),
+            dialogs: dict[str, list] | None = None) -> list[tuple[str, bool, str]]:
     """(paper claim, reproduced here?, the numbers). A claimed rise in helpfulness counts only when it exceeds
-    twice its paired standard error (`changes`)."""
+    twice its paired standard error (`changes`). `dialogs` (label -> dialogs evaluated at each turn) puts a
+    binomial standard error on GAtt's last-turn share: between two seeds it moved by 0.10 (0.93, 0.83)."""
     checks = _rm_checks(rms)
     if ppo.get("kl_target") is not None and "kl_end" in ppo:
         checks.append(("PPO's KL to the reference stays under the preset's target", ppo["kl_end"] <= ppo["kl_target"],
@@ -230,8 +232,10 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
             first_without = next(v for v in seen["without_gatt"] if v is not None)
             checks.append(("Without GAtt, the system instruction fades over the turns (paper Fig. 9, left)",
                            last_without < first_without, f"turn 1 {first_without:.2f}, last turn {last_without:.2f}"))
+            n = next((c for c in reversed((dialogs or {}).get("with_gatt", [])) if c), 0)
+            spread = f" ± {math.sqrt(last_with * (1 - last_with) / n):.2f} ({n} dialogs)" if n else ""
             checks.append(("GAtt keeps the system instruction at the last turn (paper: 100% at turn 20)",
-                           last_with >= 0.9, f"without {last_without:.2f}, with {last_with:.2f}"))
+                           last_with >= 0.9, f"without {last_without:.2f}, with {last_with:.2f}{spread}"))
     held = adherence.get("held_out")
     if held:
         mean = {k: sum(v for v in c if v is not None) / max(1, sum(v is not None for v in c)) for k, c in held.items()}
@@ -291,7 +295,8 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     plots = [p for p in (plot_losses(out), plot_stage_scores(out, models) if models else None,
                          plot_adherence(out, adherence)) if p]
     plots += [p for p in stage_plots if (out / p).is_file()]
-    checks = _checks(models, adherence, rms, best_of_n, ppo_summary or {}, changes)
+    dialogs = _adherence(results, "dialogs_per_turn", ("seen",)).get("seen")
+    checks = _checks(models, adherence, rms, best_of_n, ppo_summary or {}, changes, dialogs)
     report["checks"] = [{"claim": c, "reproduced": ok, "numbers": n} for c, ok, n in checks]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, models_full, plots))
