@@ -51,21 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         # Expected user errors (bad files, configs, checkpoints) print one clear line, not a traceback.
         print(f"llama2 {args.command}: error: {exc}", file=sys.stderr)
         code = 1
-    if _is_torchrun_worker():
+    from llama2.training.parallel import launched_as_group  # after the command: torch is loaded by then
+
+    if launched_as_group():
         _exit_now(code)
     return code
 
 
-def _is_torchrun_worker() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ
-
-
 def _exit_now(code: int) -> None:
-    """End a torchrun worker without interpreter finalization. Its work is done and written (every process met
-    at the run's closing barrier and left the process group), but finalization still destroys whatever torch
-    objects gloo's C++ threads reference, and twice in CI that aborted a worker after a complete run
-    ("terminate called without an active exception", exit -6), failing the whole torchrun job. Upstream knows
-    the hazard (pytorch/pytorch#179291, #190489) and has no fix; the process's files are closed already."""
+    """End one of a process group's processes without interpreter finalization. Its work is done and written
+    (every process met at the run's closing barrier and left the process group), but finalization still
+    destroys whatever torch objects gloo's C++ threads reference, and twice in CI that aborted a worker after a
+    complete run ("terminate called without an active exception", exit -6), failing the whole torchrun job.
+    Upstream knows the hazard (pytorch/pytorch#179291, #190489) and has no fix; the files are closed already."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -226,13 +226,14 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
                        *_rises(models, changes, "base", "sft")))
     seen = adherence.get("seen")
     if seen:
-        last_with = next((v for v in reversed(seen["with_gatt"]) if v is not None), None)
+        reached = [t for t, v in enumerate(seen["with_gatt"]) if v is not None]
         last_without = next((v for v in reversed(seen["without_gatt"]) if v is not None), None)
-        if last_with is not None and last_without is not None:
+        if reached and last_without is not None:
+            last_with = seen["with_gatt"][reached[-1]]
             first_without = next(v for v in seen["without_gatt"] if v is not None)
             checks.append(("Without GAtt, the system instruction fades over the turns (paper Fig. 9, left)",
                            last_without < first_without, f"turn 1 {first_without:.2f}, last turn {last_without:.2f}"))
-            n = next((c for c in reversed((dialogs or {}).get("with_gatt", [])) if c), 0)
+            n = dialogs["with_gatt"][reached[-1]] if dialogs else 0
             spread = f" ± {math.sqrt(last_with * (1 - last_with) / n):.2f} ({n} dialogs)" if n else ""
             checks.append(("GAtt keeps the system instruction at the last turn (paper: 100% at turn 20)",
                            last_with >= 0.9, f"without {last_without:.2f}, with {last_with:.2f}{spread}"))

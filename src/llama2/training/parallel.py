@@ -58,12 +58,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def launched_as_group() -> bool:
+    """Was this process started as one of several (`torchrun` sets WORLD_SIZE)?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
-    """Join the `torchrun` process group if launched by it (WORLD_SIZE set), else a single process."""
+    """Join the `torchrun` process group if launched as one of several processes, else a single process."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if not launched_as_group():
         return DistEnv(rank=0, world_size=1, device=dev, mesh=None)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
