@@ -52,7 +52,6 @@ def test_gatt_checks_read_the_adherence_curves():
     assert not (got[fades] or got[keeps] or got[general])
 
 
-
 def test_gatts_last_turn_share_carries_its_binomial_error_over_the_dialogs_that_reached_it():
     keeps = "GAtt keeps the system instruction at the last turn (paper: 100% at turn 20)"
     adherence = {"seen": {"without_gatt": [0.9, 0.1, None], "with_gatt": [1.0, 0.84, None]}}
@@ -60,6 +59,7 @@ def test_gatts_last_turn_share_carries_its_binomial_error_over_the_dialogs_that_
     numbers = next(n for c, _, n in _checks({}, adherence, {}, {}, {}, (), dialogs) if c == keeps)
     assert numbers == "without 0.10, with 0.84 ± 0.05 (50 dialogs)"  # sqrt(0.84 * 0.16 / 50) = 0.052
     assert next(n for c, _, n in _checks({}, adherence, {}, {}, {}) if c == keeps) == "without 0.10, with 0.84"
+
 
 def test_a_helpfulness_rise_counts_only_beyond_twice_its_paired_standard_error():
     claim = "PPO raises oracle helpfulness"
