@@ -131,6 +131,28 @@ def _recording(stage, ran):
     return run
 
 
+def test_the_reward_models_are_judged_by_the_oracle_of_the_runs_own_world(tmp_path, monkeypatch):
+    # the label ceiling of a seed-1 run was once computed with world 0's oracle, which knows other facts
+    root = tmp_path / "run"
+    (root / "sft").mkdir(parents=True)
+    (root / "sft" / "config.json").write_text("{}")
+    cfg = pipeline.load_pipeline_config("smoke", str(root), ["data.seed=3"])
+    seen = []
+
+    class Trained(Exception):
+        pass
+
+    def train(stage):
+        seen.append((stage.kind, stage.eval.oracle, stage.eval.world_seed))
+        raise Trained
+
+    monkeypatch.setattr(pipeline.reward, "run", train)
+    for run in (pipeline.run_reward_helpfulness, pipeline.run_reward_safety):
+        with pytest.raises(Trained):
+            run(cfg, root / "rm")
+    assert seen == [("helpfulness", "toyworld", 3), ("safety", "toyworld", 3)]
+
+
 @pytest.mark.parametrize("preset", ["smoke", "demo"])
 def test_the_presets_safety_rm_is_trained_with_the_auxiliary_loss(preset):
     # without it the safety RM's level is free, and PPO's 0.15 gate fired on 15% of the demo's replies to
