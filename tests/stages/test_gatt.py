@@ -137,6 +137,7 @@ def test_replies_are_kept_only_when_the_checker_accepts_them(world, tiny_tokeniz
         assert len(c.replies) == len(c.users) and c.accepted == [ok] * len(c.users)
         assert all(world.check_constraint(c.constraints, r) == ok for r in c.replies)
     assert stats["turns_accepted"] == sum(map(sum, (c.accepted for c in convs)))
+    assert stats["replies_passing"] == stats["turns_accepted"]  # one of each accepted turn's two samples obeys
     assert stats["replies_sampled"] == 2 * stats["turns_sampled"] == 2 * sum(len(c.users) for c in convs)
     assert len(llm.calls) == 3 and len(llm.calls[0]) == 4  # one call a turn, each dialog once (2 samples each)
 
@@ -180,11 +181,11 @@ def test_a_reply_cut_off_mid_sentence_is_context_only_even_when_the_checker_pass
     assert world.check_constraint(backspeak, cut) and world.check_constraint(backspeak, whole)
     assert not world.check_constraint(backspeak, english)
     cfg = gatt.GAttData()
-    assert gatt._choose_reply(world, backspeak, [cut, whole], cfg) == (whole, True, False)
-    assert gatt._choose_reply(world, backspeak, [cut], cfg) == (cut, False, False)
-    assert gatt._choose_reply(world, backspeak, [cut, english], cfg) == (english, False, False)  # finished context
+    assert gatt._choose_reply(world, backspeak, [cut, whole], cfg) == (whole, True, False, 1)
+    assert gatt._choose_reply(world, backspeak, [cut], cfg) == (cut, False, False, 0)
+    assert gatt._choose_reply(world, backspeak, [cut, english], cfg) == (english, False, False, 0)  # finished context
     loose = gatt.GAttData(finished_only=False)
-    assert gatt._choose_reply(world, backspeak, [cut, whole], loose) == (cut, True, False)
+    assert gatt._choose_reply(world, backspeak, [cut, whole], loose) == (cut, True, False, 2)
     assert [gatt.finished(t) for t in ("Yes.", "I enjoy chess. 🌟", "King Koruze rules", "64 sunim", "")] == [
         True, True, False, False, False]
 
@@ -210,6 +211,9 @@ def test_gatt_stage_end_to_end(tmp_path, world, tiny_tokenizer_path, monkeypatch
     assert report["training_dialogs"] == len(lines) > 0
     assert report["turns_accepted"] == sum(m.get("weight", 1) for d in dialogs for m in d if m["role"] == "assistant")
     # every other sample obeys; a set the obedient reply cannot satisfy (a word limit) is never accepted
-    assert report["acceptance_rate"] == pytest.approx(report["turns_accepted"] / report["replies_sampled"])
-    assert 0 < report["acceptance_rate"] <= 0.5
+    # one sample of each turn's two passes for a set the obedient reply satisfies, so the two rates differ
+    assert report["replies_passing"] == report["turns_accepted"]
+    assert report["acceptance_rate"] == pytest.approx(report["replies_passing"] / report["replies_sampled"])
+    assert report["turn_acceptance_rate"] == pytest.approx(report["turns_accepted"] / report["turns_sampled"])
+    assert 0 < report["acceptance_rate"] <= 0.5 and report["turn_acceptance_rate"] == 2 * report["acceptance_rate"]
     assert result.step >= 1 and model_dir(tmp_path / "gatt") == result.checkpoint / "model"

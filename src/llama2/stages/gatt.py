@@ -186,7 +186,7 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
     """Step 3, batched over dialogs: sample `samples_per_turn` replies per turn (each dialog prefilled once for
     all of them, and only its new messages since the last turn: a prefix cache), keep the first accepted, else
     the first non-empty sample as context (all empty: the dialog ends)."""
-    sampled = fallbacks = shortened = 0
+    sampled = passed = fallbacks = shortened = 0
     cache = PrefixCache()  # each dialog's history is prefilled once, not again at every turn
     alive = list(range(len(conversations)))
     max_turns = max(len(c.users) for c in conversations)
@@ -206,7 +206,8 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
         for k, i in enumerate(alive):
             candidates = replies[k * cfg.samples_per_turn : (k + 1) * cfg.samples_per_turn]
             texts = [t for t in (c["generation"]["content"].strip() for c in candidates) if t]
-            reply, accepted, rewritten = _choose_reply(world, conversations[i].constraints, texts, cfg)
+            reply, accepted, rewritten, passing = _choose_reply(world, conversations[i].constraints, texts, cfg)
+            passed += passing
             if reply is None:
                 continue  # nothing to continue from: the dialog ends here
             conversations[i].replies.append(reply)
@@ -214,8 +215,9 @@ def sample_replies(llm: Llama, world: ToyWorld, conversations: list[Conversation
             fallbacks += rewritten
             survivors.append(i)
         alive = survivors
-    return {"replies_sampled": sampled, "turns_accepted": sum(sum(c.accepted) for c in conversations),
-            "oracle_fallbacks": fallbacks, "turns_sampled": sum(len(c.replies) for c in conversations),
+    return {"replies_sampled": sampled, "replies_passing": passed,
+            "turns_accepted": sum(sum(c.accepted) for c in conversations), "oracle_fallbacks": fallbacks,
+            "turns_sampled": sum(len(c.replies) for c in conversations),
             "turns_with_instruction_on_latest_users_only": shortened}
 
 
@@ -232,20 +234,21 @@ def _fitting_context(llm: Llama, conversation: Conversation, turn: int, cfg: GAt
 
 
 def _choose_reply(world: ToyWorld, constraints: list[Constraint], texts: list[str], cfg: GAttData
-                  ) -> tuple[str | None, bool, bool]:
-    """(reply, accepted, rewritten) for one turn's non-empty samples: the first the checker accepts (and, with
-    `finished_only`, that ends a sentence); else, with `oracle_fallback`, the toy world's rewrite of the first;
-    else the first (finished one, if any) as context only (None: no sample)."""
+                  ) -> tuple[str | None, bool, bool, int]:
+    """(reply, accepted, rewritten, passing) for one turn's non-empty samples: the first the checker accepts
+    (and, with `finished_only`, that ends a sentence); else, with `oracle_fallback`, the toy world's rewrite of
+    the first; else the first (finished one, if any) as context only (None: no sample). `passing` counts the
+    samples the checker accepts, for the report's acceptance rate."""
     usable = [t for t in texts if finished(t)] if cfg.finished_only else texts
-    ok = next((t for t in usable if world.check_constraint(constraints, t)), None)
-    if ok is not None:
-        return ok, True, False
+    passing = [t for t in usable if world.check_constraint(constraints, t)]
+    if passing:
+        return passing[0], True, False, len(passing)
     first = (usable or texts or [None])[0]
     if cfg.oracle_fallback:
         rewrite = world.constraints.apply(constraints, first or "Yes.")
         if world.check_constraint(constraints, rewrite):
-            return rewrite, True, True
-    return first, False, False
+            return rewrite, True, True, 0
+    return first, False, False, 0
 
 
 def finished(reply: str) -> bool:
@@ -280,14 +283,16 @@ def run(cfg: Config) -> TrainResult:
                              "instruction yet (train SFT longer, or raise data.samples_per_turn)")
         write_chat(train_file, dialogs)
         model_accepted = stats["turns_accepted"] - stats["oracle_fallbacks"]
-        report = {**stats, "acceptance_rate": model_accepted / max(1, stats["replies_sampled"]),
+        report = {**stats, "acceptance_rate": stats["replies_passing"] / max(1, stats["replies_sampled"]),
+                  "turn_acceptance_rate": model_accepted / max(1, stats["turns_sampled"]),
                   "dialogs": len(conversations), "training_dialogs": len(dialogs),
                   "dialogs_with_all_turns_accepted": sum(len(c.users) == sum(c.accepted) for c in conversations),
                   "sampling_seconds": round(time.perf_counter() - started, 1)}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         rewrites = f" (+{stats['oracle_fallbacks']} oracle rewrites)" if stats["oracle_fallbacks"] else ""
-        print(f"gatt: the checker accepted {model_accepted} of {report['replies_sampled']} sampled replies"
-              f"{rewrites}; {len(dialogs)} training dialogs", file=sys.stderr)
+        print(f"gatt: the checker accepted {stats['replies_passing']} of {stats['replies_sampled']} sampled replies; "
+              f"{model_accepted} of {stats['turns_sampled']} turns have one{rewrites}; {len(dialogs)} training "
+              "dialogs", file=sys.stderr)
         del llm
     # 6. fine-tune through the SFT path
     finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
