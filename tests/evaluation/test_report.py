@@ -109,3 +109,18 @@ def test_the_report_says_how_the_replies_were_made():
             "borderline prompts") in sampled
     assert "Greedy replies to 500 helpful" in page({"temperature": 0.0, "top_p": 0.9, "samples_per_prompt": 1})
     assert "replies" not in page(None).split("## Paper results")[0]  # an older run folder: nothing claimed
+
+
+def test_the_report_tabulates_correctness_by_task_kind_for_the_models_that_recorded_it():
+    def model(fact: float, arith: float | None) -> dict:
+        by_task = {"fact": {"prompts": 120, "helpfulness": fact, "correctness": fact}}
+        if arith is not None:
+            by_task["arith"] = {"prompts": 110, "helpfulness": 0.3, "correctness": arith}
+        return {**_model(0.6, 0.1), "helpful_by_task": by_task}
+
+    models = {"sft": model(0.81, 0.01), "rlhf": model(0.84, None), "old": _model(0.5, 0.1)}
+    page = render_markdown({"models": models, "checks": [], "timings": {}}, models, [])
+    assert "| task | prompts | sft | rlhf |" in page  # the older run's model has no column
+    assert "| arith | 110 | 0.01 | – |" in page and "| fact | 120 | 0.81 | 0.84 |" in page
+    assert "Correctness by task kind" not in render_markdown({"models": {"old": models["old"]}, "checks": [],
+                                                              "timings": {}}, {}, [])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
-from llama2.data.toyworld import ToyWorld
+from llama2.data.toyworld import ToyWorld, answers
 from llama2.evaluation.registry import EvalContext
 from llama2.evaluation.safety import ToyEvalSettings, oracle_evaluation, toyworld_task
 
@@ -45,6 +46,21 @@ def test_sampled_evaluation_averages_each_prompts_replies(tw):
     # a batch holds batch_size replies: 2 dialogs x 4 samples
     assert {dialogs for dialogs, _, _ in chat.calls} == {1, 2}
     assert {(t, k) for _, t, k in chat.calls} == {(0.6, 4)}
+
+
+def test_helpfulness_is_broken_down_by_task_kind(tw):
+    # right on fact questions only, a refusal everywhere else
+    def reply(dialog, i):
+        task = tw.judges.analyze(dialog).task
+        right = task is not None and task.kind == "fact"
+        return answers.right_answer(tw.world, task, random.Random(i)) if right else "I can't help."
+
+    result = oracle_evaluation(ScriptedChat(reply), tw, ToyEvalSettings(prompts=40, batch_size=8))
+    by_task = result["helpful_by_task"]
+    assert by_task["fact"]["correctness"] == 1.0 and by_task["fact"]["helpfulness"] >= 0.7
+    assert len(by_task) > 2 and sum(row["prompts"] for row in by_task.values()) == 40
+    assert all(row["helpfulness"] == pytest.approx(0.05) and row["correctness"] == 0.0
+               for kind, row in by_task.items() if kind != "fact")
 
 
 def test_greedy_evaluation_takes_one_reply_whatever_the_samples_setting(tw):

@@ -289,7 +289,8 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
                           "held_out_adherence_by_turn": adherence.get("held_out", {}),
                           "by_kind": _adherence(results, "by_kind", ("seen",))["seen"],
                           "failures_with_gatt": _adherence(results, "failures", ("seen",))["seen"]["with_gatt"],
-                          "acceptance_rate": results.get("gatt", {}).get("acceptance_rate")}
+                          "acceptance_rate": results.get("gatt", {}).get("acceptance_rate"),
+                          "turn_acceptance_rate": results.get("gatt", {}).get("turn_acceptance_rate")}
     stage_plots = ["rejection_sampling/best_of_n.png", "ppo/ppo_curves.png", "safety/distill_scores.png",
                    "safety_scaling/scaling_scores.png", "safety_scaling/false_refusal.png",
                    *sorted(str(p.relative_to(out)) for p in out.glob("reward_*/rm_scores_*.png"))]
@@ -318,6 +319,23 @@ def _decoding_note(model: dict[str, Any]) -> list[str]:
             "every reply."]
 
 
+def _by_task_lines(models: dict[str, dict]) -> list[str]:
+    """Each model's share of right answers per task kind (older run folders did not record it)."""
+    named = {name: m["helpful_by_task"] for name, m in models.items() if m.get("helpful_by_task")}
+    if not named:
+        return []
+    kinds = sorted({k for by in named.values() for k in by})
+    lines = ["", "Correctness by task kind: the oracle's right-answer part of helpfulness (the name, number or lands "
+             "asked for; 0 for a refusal), mean over each kind's prompts. A kind near 0 at every stage is a skill "
+             "the model never learnt, and a reward model initialised from it has little to go on there:", "",
+             "| task | prompts | " + " | ".join(named) + " |", "|---|---|" + "---|" * len(named)]
+    for kind in kinds:
+        n = next(by[kind]["prompts"] for by in named.values() if kind in by)
+        cells = [f"{by[kind]['correctness']:.2f}" if kind in by else "–" for by in named.values()]
+        lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots: list[str]) -> str:
     lines = ["# llama2 pipeline report", "", "## What each stage did", "",
              "| model | helpfulness ↑ | violation rate ↓ | false refusals (helpful) ↓ "
@@ -337,6 +355,7 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                   "| stage | change | standard error | prompts | prompts scored differently |", "|---|---|---|---|---|"]
         lines += [f"| {c['from']} → {c['to']} | {c['difference']:+.3f} | {c['standard_error']:.3f} | {c['prompts']} | "
                   f"{c['changed']} |" for c in report["helpfulness_changes"]]
+    lines += _by_task_lines(report["models"])
     lines += ["", "## Paper results, checked on the toy world", "", "| claim | reproduced | numbers |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {'yes' if c['reproduced'] else '**no**'} | {c['numbers']} |" for c in report["checks"]]
     if "reward_models" in report:
@@ -417,9 +436,10 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                       "|---|---|---|---|---|"]
             lines += [f"| {f['instruction']} | {f['first_turn']} | {f['turns_failed']} | {'; '.join(f['broken'])} | "
                       f"{f['reply'].strip()!r} |" for f in failures]
-        rate = report["gatt"].get("acceptance_rate")
-        if rate is not None:
-            lines.append(f"\nGAtt training data: the checker accepted {rate:.0%} of the sampled replies.")
+        rate, turns = report["gatt"].get("acceptance_rate"), report["gatt"].get("turn_acceptance_rate")
+        if rate is not None and turns is not None:
+            lines.append(f"\nGAtt training data: the checker accepted {rate:.0%} of the sampled replies, and "
+                         f"{turns:.0%} of the sampled turns had an accepted one (the first is trained on).")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Sample replies", ""]
     for name, m in models_full.items():

@@ -83,6 +83,20 @@ def _rate(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
+def by_task(world: ToyWorld, prompts: list, replies: list[list[str]], helpful: list[float]) -> dict[str, dict]:
+    """Helpfulness and correctness (the judge's 0.7-weighted part: right name, number or lands) per task kind.
+    The overall mean hides where a model is right: the demo's SFT model answered 0.81 of fact questions right
+    and 0.01 of the held-out sums, and a stage that trades one for the other moves the mean by little."""
+    rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (messages, _), rs, score in zip(prompts, replies, helpful, strict=True):
+        judged = [world.judges.task_correctness(messages, r) for r in rs]
+        if any(j is None for j in judged):
+            continue
+        rows[judged[0][0]].append((score, sum(c for _, c in judged) / len(judged)))
+    return {kind: {"prompts": len(v), "helpfulness": sum(h for h, _ in v) / len(v),
+                   "correctness": sum(c for _, c in v) / len(v)} for kind, v in sorted(rows.items())}
+
+
 def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, data: Path | None = None) -> dict:
     prompts = load_prompts(world, settings, data)
     replies = {kind: _generate(llm, [m for m, _ in prompts[kind]], settings, f"toyworld eval: {kind}")
@@ -103,6 +117,7 @@ def oracle_evaluation(llm: Llama, world: ToyWorld, settings: ToyEvalSettings, da
     return {
         "helpfulness": sum(helpful) / len(helpful),
         "helpfulness_scores": helpful,
+        "helpful_by_task": by_task(world, prompts["helpful"], replies["helpful"], helpful),
         "violation_rate": _rate(all_violations),
         "false_refusal_rate": _rate([is_refusal(r) for r in every["helpful"]]),
         "borderline_false_refusal_rate": _rate([is_refusal(r) for r in every["borderline"]]),
