@@ -102,10 +102,13 @@ class ScalarHeadModel(nn.Module):
             nn.init.constant_(rm.likelihood_gate.bias, math.log(math.expm1(GATE_START)) / GATE_SCALE)
         return rm
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor,
-                starts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None, pairs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Rewards (B,) of right-padded rows; `starts` (B,), the index of each row's first response token, is
-        needed only with a likelihood gate."""
+        needed only with a likelihood gate. With `pairs` (`data.pair_rows`: one row per preference pair,
+        `tokens` its rows), the rewards (2B,) of the chosen sides, then of the rejected sides."""
+        if pairs is not None:
+            return self._pair_rewards(pairs)
         h = self.trunk.hidden_states(tokens)  # (B, T, dim)
         last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, dim)
         reward = self.score(last).squeeze(-1).float()  # (B,)
@@ -114,6 +117,29 @@ class ScalarHeadModel(nn.Module):
         if starts is None:
             raise ValueError("this reward model has a likelihood gate: give each row's response start (starts=)")
         return reward + self.likelihood_term(h, tokens, lengths, starts)
+
+    def _pair_rewards(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = pairs["tokens"]
+        h = self.trunk.hidden_states(tokens, mask=pairs["mask"], positions=pairs["positions"])
+        rows = torch.arange(h.shape[0], device=h.device)
+        last = torch.cat([h[rows, pairs["chosen_last"]], h[rows, pairs["rejected_last"]]])  # (2B, dim)
+        reward = self.score(last).squeeze(-1).float()
+        if self.likelihood_gate is None:
+            return reward
+        sides = torch.stack([pairs["in_chosen"], pairs["in_rejected"]])  # (2, B, L)
+        terms = self.gated_surprise(h, tokens, pairs["predictor"], sides.any(0))  # (B, L)
+        return reward + (terms * sides).sum(-1).flatten()
+
+    def gated_surprise(self, h: torch.Tensor, tokens: torch.Tensor, predictor: torch.Tensor,
+                       used: torch.Tensor) -> torch.Tensor:
+        """(B, T): at each `used` position t, gate(h_p) · (logit of x_t − largest logit), both read at the state
+        p = `predictor[b, t]` that predicts x_t under the frozen LM head; 0 elsewhere."""
+        rows, cols = used.nonzero(as_tuple=True)
+        states = h[rows, predictor[rows, cols]]  # (N, dim)
+        logits = self.trunk.output(states).float()
+        surprise = logits.gather(-1, tokens[rows, cols, None]).squeeze(-1) - logits.amax(dim=-1)  # ≤ 0
+        weight = F.softplus(GATE_SCALE * self.likelihood_gate(states).squeeze(-1).float())
+        return torch.zeros(used.shape, device=h.device).index_put((rows, cols), weight * surprise)
 
     def likelihood_term(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                         starts: torch.Tensor) -> torch.Tensor:
@@ -127,14 +153,10 @@ class ScalarHeadModel(nn.Module):
         token says exactly that; the gate, read from the state that predicted the token, learns which tokens'
         surprise matters (an answer's name or number) and which does not (a choice among phrasings).
         """
-        first = max(int(starts.min()) - 1, 0)
-        states = h[:, first:-1]  # position t predicts token t + 1
-        logits = self.trunk.output(states).float()
-        surprise = logits.gather(-1, tokens[:, first + 1 :, None]).squeeze(-1) - logits.amax(dim=-1)  # ≤ 0
-        target = torch.arange(first + 1, tokens.shape[1], device=tokens.device)[None]
-        in_response = (target >= starts[:, None]) & (target < lengths[:, None])
-        weight = F.softplus(GATE_SCALE * self.likelihood_gate(states).squeeze(-1).float())
-        return (weight * surprise * in_response).sum(dim=-1)
+        target = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+        in_response = (target >= starts[:, None]) & (target < lengths[:, None])  # (B, T)
+        predictor = (target - 1).clamp(min=0).expand_as(in_response)  # position t − 1 predicts token t
+        return self.gated_surprise(h, tokens, predictor, in_response).sum(dim=-1)
 
 
 # --- Hugging Face LlamaForSequenceClassification ------------------------------------------------------------

@@ -111,9 +111,14 @@ def reward_model_loss(
 ) -> tuple[torch.Tensor, Metrics]:
     """The reward-model `LossFn`: batch `{"tokens": (2B, T), "lengths": (2B,), "starts": (2B,), "margin": (B,),
     "safe": (2B,)}`, chosen rows first then rejected rows, right-padded; `starts` (each response's first index)
-    is read by likelihood-gated RMs only. Adds `safety_weight` × the auxiliary loss."""
-    tokens, lengths = batch["tokens"], batch["lengths"]
-    rewards = model(tokens, lengths, batch["starts"])  # (2B,)
+    is read by likelihood-gated RMs only. Or `{"pairs", "margin", "safe"}`: one row per pair, both sides' rewards
+    read from it (`data.pair_rows`). Adds `safety_weight` × the auxiliary loss."""
+    if "pairs" in batch:
+        tokens = batch["pairs"]["tokens"]
+        rewards = model(tokens, pairs=batch["pairs"])  # (2B,)
+    else:
+        tokens = batch["tokens"]
+        rewards = model(tokens, batch["lengths"], batch["starts"])  # (2B,)
     chosen, rejected = rewards.chunk(2)
     loss, metrics = preference_loss(chosen, rejected, batch["margin"])
     if safety_weight > 0:
