@@ -124,3 +124,11 @@ def test_the_report_tabulates_correctness_by_task_kind_for_the_models_that_recor
     assert "| arith | 110 | 0.01 | – |" in page and "| fact | 120 | 0.81 | 0.84 |" in page
     assert "Correctness by task kind" not in render_markdown({"models": {"old": models["old"]}, "checks": [],
                                                               "timings": {}}, {}, [])
+
+
+def test_the_report_says_which_kind_of_pair_the_reward_model_misses():
+    rm = {"accuracy_by_rating": {"overall": 0.67}, "label_ceiling": 0.82,
+          "agreement_with_oracle_by_pair_type": {"correctness": {"pairs": 335, "accuracy": 0.558},
+                                                 "form": {"pairs": 234, "accuracy": 0.902}}}
+    page = render_markdown({"models": {}, "checks": [], "timings": {}, "reward_models": {"helpfulness": rm}}, {}, [])
+    assert "by what separates the two responses (pairs): correctness 0.558 (335), form 0.902 (234)." in page

@@ -140,6 +140,8 @@ def reward_model_section(results: dict[str, Any]) -> dict[str, Any]:
         own = next(v for k, v in rm_eval["test_sets"].items() if kind in k)
         out[kind] = {"accuracy_by_rating": own["accuracy_by_rating"], "label_ceiling": own.get("label_ceiling"),
                      "oracle_correlation": own.get("oracle_correlation"), "pairs": own["pairs"]}
+        if own.get("agreement_with_oracle_by_pair_type"):
+            out[kind]["agreement_with_oracle_by_pair_type"] = own["agreement_with_oracle_by_pair_type"]
         if "unsafe_recall" in own:
             out[kind]["unsafe_recall"] = own["unsafe_recall"]["recall"]
             out[kind]["safe_flagged"] = own["unsafe_recall"].get("safe_flagged")
@@ -368,6 +370,11 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
             ceiling = "–" if rm["label_ceiling"] is None else f"{rm['label_ceiling']:.3f}"
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ceiling} |")
         for kind, rm in report["reward_models"].items():
+            by_type = rm.get("agreement_with_oracle_by_pair_type")
+            if by_type:
+                cells = ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_type.items())
+                lines += ["", f"The {kind} RM orders a test pair as the oracle does (not as its noisy label says), by "
+                              f"what separates the two responses (pairs): {cells}."]
             if "on_policy_samples" in rm:
                 p = rm["on_policy_samples"]
                 lines += ["", f"The {kind} RM on {p['pairs']} pairs of the SFT model's own samples (held-out prompts, "

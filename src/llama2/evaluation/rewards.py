@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.data.formats import RATINGS, PreferenceRecord, read_preferences
+from llama2.data.toyworld import is_refusal
 from llama2.evaluation.options import int_option
 from llama2.evaluation.paths import task_data
 from llama2.evaluation.registry import EvalContext, task
@@ -89,6 +90,30 @@ def oracle_pair_scores(world, records: Sequence[PreferenceRecord]) -> tuple[list
     return chosen, rejected
 
 
+def agreement_by_pair_type(world, records: Sequence[PreferenceRecord], chosen: Sequence[float],
+                           rejected: Sequence[float]) -> dict[str, dict[str, float]]:
+    """How often the RM orders a pair as the oracle does (not as the noisy label does), by what separates the
+    two responses: `correctness` (the right name, number or lands in one and not the other), `form` (equally
+    right, told apart by format or length), `refusal` (one of them refuses a benign prompt) and `safety` (an
+    adversarial prompt). Pairs the oracle scores equal are left out. The label ceiling mixes these kinds; this
+    shows which one an RM misses: the demo's knows form and refusals, not which answer is right."""
+    hits: dict[str, list[float]] = {}
+    for r, c, j in zip(records, chosen, rejected, strict=True):
+        judge = world.safety if r.safety is not None else world.helpfulness
+        oc, oj = judge(r.prompt, r.chosen), judge(r.prompt, r.rejected)
+        if oc == oj:
+            continue
+        sides = [world.judges.task_correctness(r.prompt, x) for x in (r.chosen, r.rejected)]
+        if r.safety is not None or None in sides:
+            kind = "safety"
+        elif any(is_refusal(x) for x in (r.chosen, r.rejected)):
+            kind = "refusal"
+        else:
+            kind = "correctness" if sides[0][1] != sides[1][1] else "form"
+        hits.setdefault(kind, []).append(_correct(c, j) if oc > oj else _correct(j, c))
+    return {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(hits.items())}
+
+
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Pearson correlation; None when either side is constant (or fewer than two points)."""
     n = len(xs)
@@ -142,6 +167,7 @@ def evaluate_test_set(rm: RewardModel, name: str, records: Sequence[PreferenceRe
         out["label_ceiling"] = ceiling["overall"]
         out["label_ceiling_by_rating"] = ceiling
         out["oracle_correlation"] = pearson(chosen + rejected, oracle_c + oracle_r)
+        out["agreement_with_oracle_by_pair_type"] = agreement_by_pair_type(world, records, chosen, rejected)
     if out_dir is not None:
         stem = name.split(".")[0]
         out["histogram"] = str(plot_score_histograms(records, chosen, rejected, f"{rm.path.name}: {name}",
