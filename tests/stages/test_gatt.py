@@ -56,6 +56,25 @@ def test_balanced_instructions_deal_every_seen_value_evenly(world):
     assert max(counts[False].values()) - min(counts[False].values()) > 1  # independent draws are uneven
 
 
+def test_every_seen_hobby_can_be_asked_for_in_every_seen_language(world):
+    seen = world.constraints.pool(False)
+    hobbies = {c.value for c in seen if c.kind == "hobby"}
+    languages = {c.value for c in seen if c.kind == "language"}
+    plain = gatt.sample_instructions(gatt.GAttData(), world, 88)
+    covered = gatt.sample_instructions(gatt.GAttData(hobbies_in_language=3), world, 88)
+
+    def pairs(instructions):
+        return [(h.value, lang.value) for cs, _ in instructions for h in cs if h.kind == "hobby"
+                for lang in cs if lang.kind == "language"]
+
+    assert {(h, lang) for h in hobbies for lang in languages} - set(pairs(plain))  # drawn at random, some are missing
+    assert all(pairs(covered).count((h, lang)) >= 3 for h in hobbies for lang in languages)
+    n = 3 * len(hobbies) * len(languages)
+    assert covered[n:] == plain[n:] and len(covered) == 88  # in place of the first random ones
+    with pytest.raises(ValueError, match="more than data.dialogs"):
+        gatt.sample_instructions(gatt.GAttData(hobbies_in_language=3), world, n - 1)
+
+
 def test_instruction_only_in_the_system_message_and_rejected_replies_masked(world, tiny_tokenizer_path):
     tok = Tokenizer(tiny_tokenizer_path)
     cfg = gatt.GAttData(dialogs=3, min_turns=3, max_turns=3, samples_per_turn=2)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from llama2.data.formats import Message, read_chat, write_chat
 from llama2.data.toyworld import ToyWorld
-from llama2.data.toyworld.constraints import Constraint, wording
+from llama2.data.toyworld.constraints import KINDS, Constraint, wording
 from llama2.generation.llama import Llama
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.stages import sft
@@ -81,6 +81,14 @@ class GAttData:
     the cut (Backspeak, capitals, a word limit): runs/demo27 trained on 38 such replies of 1369, and its GAtt
     model cut its own replies off that way late in dialogs. An unfinished reply is context only, like a rejected
     one, and the first finished sample is preferred as context."""
+    hobbies_in_language: int = 0
+    """Dialogs per seen hobby and seen language whose instruction asks for that hobby in that language (a third
+    constraint half the time), in place of as many random ones. Drawn at random, the demo's 88 dialogs never
+    paired singing (seed 0) or dancing (seed 1) with Backspeak, and the GAtt model then wrote another hobby
+    reversed from turn 2 in those evaluation dialogs. With 3 each (27 of 88 dialogs; measured with another draw
+    of the third constraints and wordings), from runs/demo36's PPO models: mean adherence over 20 turns 0.915 →
+    0.948 and 0.877 → 0.896, turn 20 0.87 → 0.87 and 0.81 → 0.85, helpfulness +0.002 ± 0.006 and −0.006 ± 0.005.
+    Off by default until a whole demo run measures it."""
     oracle_fallback: bool = False
     """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
     the instruction (a plumbing aid for tiny smoke runs, not the paper's method; counted in the report)."""
@@ -172,13 +180,34 @@ class Decks:
 
 def sample_instructions(cfg: GAttData, world: ToyWorld, n: int) -> list[tuple[list[Constraint], str]]:
     """Step 2: random combinations of constraints from the training pool, terse half the time (each kind's
-    values dealt evenly when `cfg.balanced`)."""
+    values dealt evenly when `cfg.balanced`), the first ones replaced by `cfg.hobbies_in_language` dialogs
+    per seen hobby and language."""
     rng = random.Random(f"gatt-instructions-{cfg.seed}")
     pick = Decks(random.Random(f"gatt-decks-{cfg.seed}")) if cfg.balanced else None
     out = []
     for _ in range(n):
         cs = world.sample_constraints(rng, held_out=False, pick=pick)
         out.append((cs, wording(cs, terse=rng.random() < cfg.terse_rate)))
+    covered = _hobbies_in_language(cfg, world)
+    if len(covered) > n:
+        raise ValueError(f"gatt: data.hobbies_in_language={cfg.hobbies_in_language} asks for {len(covered)} "
+                         f"dialogs, more than data.dialogs={n}")
+    return covered + out[len(covered):]
+
+
+def _hobbies_in_language(cfg: GAttData, world: ToyWorld) -> list[tuple[list[Constraint], str]]:
+    rng = random.Random(f"gatt-cover-{cfg.seed}")
+    seen = world.constraints.pool(False)
+    out = []
+    for hobby in (c for c in seen if c.kind == "hobby"):
+        for language in (c for c in seen if c.kind == "language"):
+            for _ in range(cfg.hobbies_in_language):
+                cs = [hobby, language]
+                if rng.random() < 0.5:
+                    cs.append(rng.choice([c for c in seen if c.kind not in ("hobby", "language")]))
+                cs.sort(key=lambda c: KINDS.index(c.kind))
+                out.append((cs, wording(cs, terse=rng.random() < cfg.terse_rate)))
+    rng.shuffle(out)
     return out
 
 
