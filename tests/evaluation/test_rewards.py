@@ -112,6 +112,7 @@ def test_agreement_with_the_oracle_is_split_by_what_separates_the_two_responses(
                                 {"chosen_safe": True, "rejected_safe": False})]
     # the RM follows the label on the wrong/right pair, so it disagrees with the oracle there
     chosen, rejected = [1.0, 1.0, 1.0, 0.0, 2.0], [0.0, 0.0, -1.0, 0.0, -2.0]
-    assert rewards.agreement_by_pair_type(tw, records, chosen, rejected) == {
+    oracle = rewards.oracle_pair_scores(tw, records)
+    assert rewards.agreement_by_pair_type(tw, records, chosen, rejected, *oracle) == {
         "correctness": {"pairs": 1, "accuracy": 0.0}, "form": {"pairs": 1, "accuracy": 1.0},
         "refusal": {"pairs": 1, "accuracy": 1.0}, "safety": {"pairs": 1, "accuracy": 1.0}}

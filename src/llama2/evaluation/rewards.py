@@ -91,16 +91,16 @@ def oracle_pair_scores(world, records: Sequence[PreferenceRecord]) -> tuple[list
 
 
 def agreement_by_pair_type(world, records: Sequence[PreferenceRecord], chosen: Sequence[float],
-                           rejected: Sequence[float]) -> dict[str, dict[str, float]]:
+                           rejected: Sequence[float], oracle_chosen: Sequence[float],
+                           oracle_rejected: Sequence[float]) -> dict[str, dict[str, float]]:
     """How often the RM orders a pair as the oracle does (not as the noisy label does), by what separates the
     two responses: `correctness` (the right name, number or lands in one and not the other), `form` (equally
     right, told apart by format or length), `refusal` (one of them refuses a benign prompt) and `safety` (an
-    adversarial prompt). Pairs the oracle scores equal are left out. The label ceiling mixes these kinds; this
-    shows which one an RM misses: the demo's knows form and refusals, not which answer is right."""
+    adversarial prompt). `oracle_chosen`/`oracle_rejected` are `oracle_pair_scores`; pairs the oracle scores
+    equal are left out. The label ceiling mixes these kinds; this shows which one an RM misses: the demo's knows
+    form and refusals, not which answer is right."""
     hits: dict[str, list[float]] = {}
-    for r, c, j in zip(records, chosen, rejected, strict=True):
-        judge = world.safety if r.safety is not None else world.helpfulness
-        oc, oj = judge(r.prompt, r.chosen), judge(r.prompt, r.rejected)
+    for r, c, j, oc, oj in zip(records, chosen, rejected, oracle_chosen, oracle_rejected, strict=True):
         if oc == oj:
             continue
         sides = [world.judges.task_correctness(r.prompt, x) for x in (r.chosen, r.rejected)]
@@ -167,7 +167,8 @@ def evaluate_test_set(rm: RewardModel, name: str, records: Sequence[PreferenceRe
         out["label_ceiling"] = ceiling["overall"]
         out["label_ceiling_by_rating"] = ceiling
         out["oracle_correlation"] = pearson(chosen + rejected, oracle_c + oracle_r)
-        out["agreement_with_oracle_by_pair_type"] = agreement_by_pair_type(world, records, chosen, rejected)
+        out["agreement_with_oracle_by_pair_type"] = agreement_by_pair_type(world, records, chosen, rejected,
+                                                                          oracle_c, oracle_r)
     if out_dir is not None:
         stem = name.split(".")[0]
         out["histogram"] = str(plot_score_histograms(records, chosen, rejected, f"{rm.path.name}: {name}",
