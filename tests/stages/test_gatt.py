@@ -68,11 +68,11 @@ def test_every_seen_hobby_can_be_asked_for_in_every_seen_language(world):
                 for lang in cs if lang.kind == "language"]
 
     assert {(h, lang) for h in hobbies for lang in languages} - set(pairs(plain))  # drawn at random, some are missing
-    assert all(pairs(covered).count((h, lang)) >= 3 for h in hobbies for lang in languages)
     n = 3 * len(hobbies) * len(languages)
-    assert covered[n:] == plain[n:] and len(covered) == 88  # in place of the first random ones
-    with pytest.raises(ValueError, match="more than data.dialogs"):
-        gatt.sample_instructions(gatt.GAttData(hobbies_in_language=3), world, n - 1)
+    assert len(covered) == 88 + n and covered[:88] == plain  # on top of the random ones, which stay as they were
+    assert all(pairs(covered[88:]).count((h, lang)) == 3 for h in hobbies for lang in languages)
+    cfg = gatt.GAttData(dialogs=88, min_turns=2, max_turns=9)
+    assert gatt.user_turns(cfg, world, 88 + n)[:88] == gatt.user_turns(cfg, world)  # and keep their turns
 
 
 def test_instruction_only_in_the_system_message_and_rejected_replies_masked(world, tiny_tokenizer_path):
