@@ -90,7 +90,10 @@ class GAttData:
     0.877 -> 0.891, held-out 0.44 -> 0.44 and 0.30 -> 0.26, helpfulness -0.004 +- 0.007 and -0.009 +- 0.006 against
     the pipeline's GAtt models; the late breaks left are at turns 17-20 (repetition loops, another figure's
     name). It costs ~55 s (sampling 126 -> 152 s, 198 -> 240 training steps), which the demo's 30 minutes do not
-    hold, so the preset leaves it off. In place of 27 random dialogs instead (runs/demo37): turn 20 0.82."""
+    hold, so the preset leaves it off. With `samples_per_turn: 3` beside it GAtt takes as long as the preset's
+    (296 s and 270 s against 290 s and 285 s): turn 20 0.90 (56 of 62) and 0.85 (51 of 60), mean 0.954 and 0.900,
+    held-out 0.43 and 0.23, helpfulness +0.007 +- 0.006 and -0.005 +- 0.006 (not yet run through the pipeline).
+    In place of 27 random dialogs instead (runs/demo37): turn 20 0.82."""
     oracle_fallback: bool = False
     """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
     the instruction (a plumbing aid for tiny smoke runs, not the paper's method; counted in the report)."""
