@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from llama2.data.formats import Message, read_chat, write_chat
 from llama2.data.toyworld import ToyWorld
-from llama2.data.toyworld.constraints import KINDS, Constraint, wording
+from llama2.data.toyworld.constraints import Constraint, wording
 from llama2.generation.llama import Llama
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.stages import sft
@@ -204,10 +204,7 @@ def _hobbies_in_language(cfg: GAttData, world: ToyWorld) -> list[tuple[list[Cons
     for hobby in (c for c in seen if c.kind == "hobby"):
         for language in (c for c in seen if c.kind == "language"):
             for _ in range(cfg.hobbies_in_language):
-                cs = [hobby, language]
-                if rng.random() < 0.5:
-                    cs.append(rng.choice([c for c in seen if c.kind not in ("hobby", "language")]))
-                cs.sort(key=lambda c: KINDS.index(c.kind))
+                cs = world.constraints.third_half_the_time(rng, [hobby, language])
                 out.append((cs, wording(cs, terse=rng.random() < cfg.terse_rate)))
     rng.shuffle(out)
     return out

@@ -159,9 +159,13 @@ class ConstraintSet:
         seen = self.pool(False)
         hobby = rng.choice([c for c in seen if c.kind == "hobby"])
         transform = rng.choice([c for c in seen if c.value in ("Backspeak", "uppercase")])
-        chosen = [hobby, transform]
+        return self.third_half_the_time(rng, [hobby, transform])
+
+    def third_half_the_time(self, rng: random.Random, chosen: list[Constraint]) -> list[Constraint]:
+        """`chosen` and, half the time, a seen constraint of another kind, in the order of `KINDS`."""
         if rng.random() < 0.5:
-            chosen.append(rng.choice([c for c in seen if c.kind not in ("hobby", transform.kind)]))
+            kinds = {c.kind for c in chosen}
+            chosen = [*chosen, rng.choice([c for c in self.pool(False) if c.kind not in kinds])]
         return sorted(chosen, key=lambda c: KINDS.index(c.kind))
 
     def parse(self, text: str) -> tuple[list[Constraint], str]:
