@@ -92,3 +92,34 @@ def test_samples_per_prompt_gives_the_rows_of_repeated_prompts_with_one_prefill_
     torch.testing.assert_close(torch.tensor(sum(shared.logprobs, [])), torch.tensor(sum(expected.logprobs, [])),
                                atol=1e-5, rtol=1e-5)
     assert prefill_rows[0] == len(PROMPTS) and set(prefill_rows[1:]) == {len(repeated)}
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_row_s_tokens(monkeypatch):
+    import llama2.generation.generator as generator
+
+    model = _model()
+    # Rows end at different steps: stop at the tokens the model draws most, with samples of ragged and of
+    # equal-length prompts, top-p and logprobs on.
+    probe = generate(model, PROMPTS, 24, stop_ids=[], temperature=1.0, generator=torch.Generator().manual_seed(3))
+    drawn = sum(probe.tokens, [])
+    stops = sorted(set(drawn), key=drawn.count)[-3:]
+
+    def run(prompts: list[list[int]]):
+        return generate(model, prompts, 24, stop_ids=stops, temperature=1.0, top_p=0.9, logprobs=True,
+                        generator=torch.Generator().manual_seed(11), samples_per_prompt=6)
+
+    for prompts in (PROMPTS, [PROMPTS[0]] * 2):
+        fed_rows: list[int] = []
+        handle = model.norm.register_forward_pre_hook(lambda module, inputs, rows=fed_rows: rows.append(
+            inputs[0].shape[0]))
+        dropped = run(prompts)
+        handle.remove()
+        with monkeypatch.context() as m:
+            m.setattr(generator, "_drop_finished_rows", lambda model, held, done, length: held)
+            kept = run(prompts)
+        assert dropped.tokens == kept.tokens
+        torch.testing.assert_close(torch.tensor(sum(dropped.logprobs, [])), torch.tensor(sum(kept.logprobs, [])),
+                                   atol=1e-5, rtol=1e-5)
+        lengths = [len(t) for t in kept.tokens]
+        assert min(lengths) < max(lengths) == 24  # rows really end apart
+        assert min(fed_rows[1:]) < len(prompts) * 6  # and the finished ones were no longer fed

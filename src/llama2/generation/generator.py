@@ -128,6 +128,7 @@ def generate(
             token_logprobs[:, :max_len] *= slots[:max_len] > pad[:, None]  # a prompt's first token has none
             logits = logits[:, -1:]
         cur_pos = max_len
+        held = torch.arange(bsz, device=device)  # the rows the eager path's cache holds, in cache order
         while True:
             nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
             tokens[:, cur_pos] = nxt
@@ -136,13 +137,18 @@ def generate(
             done |= torch.isin(nxt, stop) | (cur_pos + 1 - max_len >= limits)
             if cur_pos + 1 == width or bool(done.all()):
                 break
-            feed, pos = tokens[:, cur_pos : cur_pos + 1], positions[:, cur_pos : cur_pos + 1]
             if step is not None:
+                feed, pos = tokens[:, cur_pos : cur_pos + 1], positions[:, cur_pos : cur_pos + 1]
                 logits = step(feed, cur_pos, pos, step_mask)
-            elif ragged:
-                logits = model(feed, cur_pos, real[:, None, None, : cur_pos + 1], pos)
             else:
-                logits = model(feed, cur_pos)
+                held = _drop_finished_rows(model, held, done, cur_pos)
+                feed, pos = tokens[held, cur_pos : cur_pos + 1], positions[held, cur_pos : cur_pos + 1]
+                mask = real[held, None, None, : cur_pos + 1] if ragged else None
+                fed = model(feed, cur_pos, mask, pos if ragged else None)
+                if len(held) == bsz:
+                    logits = fed
+                else:
+                    logits[held] = fed  # finished rows keep their last logits
             cur_pos += 1
     finally:
         if step is None:
@@ -242,6 +248,30 @@ def _arrange_cache_rows(model: Transformer, source: torch.Tensor, length: int) -
         attn = layer.attention
         for cache in (attn.cache_k, attn.cache_v):
             cache[: len(source), :, :length] = cache[source, :, :length]
+
+
+def _drop_finished_rows(model: Transformer, held: torch.Tensor, done: torch.Tensor, length: int) -> torch.Tensor:
+    """The rows to decode next: `held` (the batch rows in cache-row order) less its finished ones, whose cache
+    rows are filled by moving in the unfinished rows from behind the new end (each layer's first `length`
+    slots; only moved rows are copied, so dropping rows at every step costs at most one copy per row). A
+    finished row still draws a token at every step, from its last logits, so every row's random numbers, and
+    hence its tokens, are those of a batch that decodes all its rows to the end; but it costs nothing in the
+    model. Sampling Ghost Attention's dialogs, most replies end long before the few that run to the length
+    limit, and each decoding step reads the whole KV cache of every row it feeds."""
+    keep = ~done[held]
+    n = int(keep.sum())
+    if n == len(held):
+        return held
+    holes = (~keep[:n]).nonzero().squeeze(1)  # finished rows before the new end
+    movers = keep[n:].nonzero().squeeze(1) + n  # unfinished rows after it, as many
+    if len(holes):
+        for layer in model.layers:
+            attn = layer.attention
+            for cache in (attn.cache_k, attn.cache_v):
+                cache[holes, :, :length] = cache[movers, :, :length]
+        held = held.clone()
+        held[holes] = held[movers]
+    return held[:n]
 
 
 def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_gen_len: int,
