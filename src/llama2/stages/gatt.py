@@ -85,14 +85,12 @@ class GAttData:
     """Dialogs per seen hobby and seen language whose instruction asks for that hobby in that language (a third
     constraint half the time), on top of the `dialogs` random ones. Drawn at random, the demo's 88 dialogs never
     paired singing (seed 0) or dancing (seed 1) with Backspeak, and the GAtt model then wrote another hobby
-    reversed from turn 2 in those evaluation dialogs. With 3 each (27 more dialogs), from runs/demo36's PPO
-    models: turn 20 0.87 -> 0.89 (56 of 63) and 0.81 -> 0.83 (48 of 58), mean over 20 turns 0.915 -> 0.966 and
-    0.877 -> 0.891, held-out 0.44 -> 0.44 and 0.30 -> 0.26, helpfulness -0.004 +- 0.007 and -0.009 +- 0.006 against
-    the pipeline's GAtt models; the late breaks left are at turns 17-20 (repetition loops, another figure's
-    name). It costs ~55 s (sampling 126 -> 152 s, 198 -> 240 training steps), which the demo's 30 minutes do not
-    hold, so the preset leaves it off. With `samples_per_turn: 3` beside it GAtt takes as long as the preset's
-    (296 s and 270 s against 290 s and 285 s): turn 20 0.90 (56 of 62) and 0.85 (51 of 60), mean 0.954 and 0.900,
-    held-out 0.43 and 0.23, helpfulness +0.007 +- 0.006 and -0.005 +- 0.006 (not yet run through the pipeline).
+    reversed from turn 2 in those evaluation dialogs. The demo preset adds 3 each (27 more dialogs) and samples
+    3 replies a turn instead of 4 (`samples_per_turn`), which pays for most of them: from runs/demo36's PPO
+    models turn 20 0.87 -> 0.90 (56 of 62) and 0.81 -> 0.85 (51 of 60), mean over 20 turns 0.915 -> 0.954 and
+    0.877 -> 0.900, held-out 0.44 -> 0.43 and 0.30 -> 0.23, GAtt's helpfulness 0.617 -> 0.624 and 0.655 -> 0.650
+    (runs/demo40 and runs/demo39_seed1). With 4 samples a turn: 0.89 and 0.83 for ~55 s more. What breaks
+    then is turns 17-20 (repetition loops, another figure's name).
     In place of 27 random dialogs instead (runs/demo37): turn 20 0.82."""
     oracle_fallback: bool = False
     """When no sampled reply passes the checker, use the toy world's rewrite of the first sample that obeys
