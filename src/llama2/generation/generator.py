@@ -242,12 +242,18 @@ def _reusable(prefix_cache: PrefixCache | None, cache_keys: Sequence[Hashable] |
 def _arrange_cache_rows(model: Transformer, source: torch.Tensor, length: int) -> None:
     """Cache row i's first `length` slots become those of row `source[i]`, for every layer (a copy of rows; a
     no-op when every row keeps its own)."""
-    if torch.equal(source, torch.arange(len(source), device=source.device)):
-        return
+    rows = torch.arange(len(source), device=source.device)
+    if not torch.equal(source, rows):
+        _copy_cache_rows(model, rows, source, length)
+
+
+def _copy_cache_rows(model: Transformer, rows: torch.Tensor, source: torch.Tensor, length: int) -> None:
+    """Cache rows `rows` take the first `length` slots of rows `source`, in every layer (the right-hand side is
+    gathered before it is written, so the two may overlap)."""
     for layer in model.layers:
         attn = layer.attention
         for cache in (attn.cache_k, attn.cache_v):
-            cache[: len(source), :, :length] = cache[source, :, :length]
+            cache[rows, :, :length] = cache[source, :, :length]
 
 
 def _drop_finished_rows(model: Transformer, held: torch.Tensor, done: torch.Tensor, length: int) -> torch.Tensor:
@@ -265,10 +271,7 @@ def _drop_finished_rows(model: Transformer, held: torch.Tensor, done: torch.Tens
     holes = (~keep[:n]).nonzero().squeeze(1)  # finished rows before the new end
     movers = keep[n:].nonzero().squeeze(1) + n  # unfinished rows after it, as many
     if len(holes):
-        for layer in model.layers:
-            attn = layer.attention
-            for cache in (attn.cache_k, attn.cache_v):
-                cache[holes, :, :length] = cache[movers, :, :length]
+        _copy_cache_rows(model, holes, movers, length)
         held = held.clone()
         held[holes] = held[movers]
     return held[:n]
