@@ -183,6 +183,24 @@ def test_summary_compares_the_first_and_last_eighth_of_the_iterations():
     assert summary["kl_end"] == pytest.approx(0.15) and summary["mean_kl"] == pytest.approx(0.075)
 
 
+def test_each_kind_of_prompt_is_summarised_by_the_score_it_is_rewarded_with():
+    helpfulness, safety = torch.tensor([0.2, 0.4, 0.9, 0.6]), torch.tensor([0.8, 0.1, 0.3, 0.7])
+    tagged = torch.tensor([False, True, False, True])
+    assert ppo.by_prompt_kind("reward", helpfulness, safety, tagged) == pytest.approx(
+        {"reward_helpfulness_on_helpful_prompts": 0.55, "reward_safety_on_safety_prompts": 0.4})
+    none_tagged = ppo.by_prompt_kind("oracle", helpfulness, safety, torch.zeros(4, dtype=torch.bool))
+    assert none_tagged["oracle_safety_on_safety_prompts"] is None
+    # a batch without safety prompts is left out of the start and end means, not counted as 0
+    history = [{"iteration": i + 1, "reward_combined": 0.5, "kl": 0.0, "response_length": 10.0,
+                "reward_helpfulness_on_helpful_prompts": 0.1 * i,
+                "reward_safety_on_safety_prompts": None if i == 0 else 0.5} for i in range(8)]
+    summary = ppo.summarize(history, ppo.Config())
+    assert summary["reward_helpfulness_on_helpful_prompts_start"] == pytest.approx(0.0)
+    assert summary["reward_helpfulness_on_helpful_prompts_end"] == pytest.approx(0.7)
+    assert summary["reward_safety_on_safety_prompts_start"] is None
+    assert summary["reward_safety_on_safety_prompts_end"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("preset", ["smoke", "demo", "7b", "70b"])
 def test_presets_load_and_name_their_launch_command(preset):
     path = REPO / "configs" / "ppo" / f"{preset}.yaml"

@@ -557,6 +557,20 @@ def _nanmean(x: torch.Tensor) -> float | None:
     return float(x.mean()) if x.numel() else None
 
 
+KIND_KEYS = {prefix: [f"{prefix}_helpfulness_on_helpful_prompts", f"{prefix}_safety_on_safety_prompts"]
+             for prefix in ("reward", "oracle")}
+
+
+def by_prompt_kind(prefix: str, helpfulness: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor
+                   ) -> dict[str, float | None]:
+    """Helpfulness on the prompts not tagged safety and safety on those tagged: the scores each kind of prompt
+    is rewarded with. Means over the whole batch mix in scores no prompt is rewarded with (the helpfulness of
+    a refusal to an attack), and move with the batch's share of safety prompts (0.16-0.50 in the demo's
+    batches of 32), which hides what PPO does to either kind."""
+    helpful_key, safety_key = KIND_KEYS[prefix]
+    return {helpful_key: _nanmean(helpfulness[~is_safety]), safety_key: _nanmean(safety[is_safety])}
+
+
 def rollout_metrics(rollout: Rollout, h: PPOHyper) -> dict[str, float | None]:
     """The per-iteration numbers of a rollout: raw and whitened reward, KL as charged, length, entropy."""
     m = rollout.mask
@@ -564,6 +578,7 @@ def rollout_metrics(rollout: Rollout, h: PPOHyper) -> dict[str, float | None]:
     return {
         "reward_helpfulness": _nanmean(rollout.helpfulness),
         "reward_safety": _nanmean(rollout.safety),
+        **by_prompt_kind("reward", rollout.helpfulness, rollout.safety, rollout.is_safety),
         "reward_combined": float(rollout.combined.mean()),
         "reward_logit": float(logit(rollout.combined).mean()),
         "reward_whitened_mean": float(rollout.score.mean()),
@@ -615,11 +630,15 @@ def summarize(history: Sequence[dict], cfg: Config) -> dict:
     first, last = history[0], history[-1]
     window = max(1, len(history) // 8)
 
-    def start(key: str) -> float:
-        return sum(r[key] for r in history[:window]) / window
+    def mean(rows: Sequence[dict], key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]  # a batch may hold no prompt of one kind
+        return sum(values) / len(values) if values else None
 
-    def end(key: str) -> float:
-        return sum(r[key] for r in history[-window:]) / window
+    def start(key: str) -> float | None:
+        return mean(history[:window], key)
+
+    def end(key: str) -> float | None:
+        return mean(history[-window:], key)
 
     out = {
         "iterations": last["iteration"],
@@ -632,12 +651,13 @@ def summarize(history: Sequence[dict], cfg: Config) -> dict:
         "summary_window": window,
         "reward_start": start("reward_combined"),
         "reward_end": end("reward_combined"),
+        **{f"{key}_{edge}": f(key) for key in KIND_KEYS["reward"] for edge, f in (("start", start), ("end", end))},
         "response_length_start": start("response_length"),
         "response_length_end": end("response_length"),
         "warnings": sum(len(r.get("warnings", [])) for r in history),
     }
     if first.get("oracle_combined") is not None:
-        for key in ("oracle_combined", "oracle_helpfulness", "oracle_safety"):
+        for key in ("oracle_combined", "oracle_helpfulness", "oracle_safety", *KIND_KEYS["oracle"]):
             out[f"{key}_start"], out[f"{key}_end"] = start(key), end(key)
     return out
 
@@ -648,14 +668,15 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward (sigmoid scale)", ["reward_combined", "reward_helpfulness", "reward_safety",
-                                          "oracle_combined"]),
+    panels = [("reward (sigmoid scale)", ["reward_combined", *KIND_KEYS["reward"]]),
+              ("toy-world oracle", ["oracle_combined", *KIND_KEYS["oracle"]]),
               ("KL to π_0 (per sequence)", ["kl"]), ("response length", ["response_length"]),
               ("entropy (per token)", ["entropy"]), ("clip fraction", ["clip_fraction"]),
               ("value loss", ["value_loss"])]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    axes.flat[-1].axis("off")
     its = [r["iteration"] for r in history]
-    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             ys = [r.get(key) for r in history]
             if any(y is not None for y in ys):
@@ -832,6 +853,7 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
             record["oracle_helpfulness"] = float(o.helpfulness.mean())
             record["oracle_safety"] = float(o.safety.mean())
             record["oracle_combined"] = float(combined_score(o.helpfulness, o.safety, rollout.is_safety).mean())
+            record.update(by_prompt_kind("oracle", o.helpfulness, o.safety, rollout.is_safety))
         record["warnings"] = warnings_for(record, history, h, cfg.hacking_window)
         record["seconds_generation"] = rollout.seconds_generation
         record["seconds_rollout"] = t_rollout
