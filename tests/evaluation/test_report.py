@@ -132,3 +132,19 @@ def test_the_report_says_which_kind_of_pair_the_reward_model_misses():
                                                  "form": {"pairs": 234, "accuracy": 0.902}}}
     page = render_markdown({"models": {}, "checks": [], "timings": {}, "reward_models": {"helpfulness": rm}}, {}, [])
     assert "by what separates the two responses (pairs): correctness 0.558 (335), form 0.902 (234)." in page
+
+
+def test_the_report_spells_out_ppo_by_kind_of_prompt_when_the_run_recorded_it():
+    ppo = {"reward_start": 0.471, "reward_end": 0.528, "mean_kl": 0.2, "oracle_helpfulness_start": 0.53,
+           "oracle_helpfulness_end": 0.557}
+    by_kind = {"reward_helpfulness_on_helpful_prompts_start": 0.433, "reward_helpfulness_on_helpful_prompts_end": 0.432,
+               "reward_safety_on_safety_prompts_start": 0.552, "reward_safety_on_safety_prompts_end": 0.73,
+               "oracle_safety_on_safety_prompts_start": None, "oracle_safety_on_safety_prompts_end": 0.5}
+
+    def page(summary: dict) -> str:
+        return render_markdown({"models": {}, "checks": [], "timings": {}, "ppo": summary}, {}, [])
+
+    text = page({**ppo, **by_kind})
+    assert ("By the score each kind of prompt is rewarded with: helpfulness RM on helpful prompts 0.433 → 0.432; "
+            "safety RM on safety prompts 0.552 → 0.730.") in text
+    assert "By the score" not in page(ppo)  # an older run folder's summary

@@ -22,6 +22,11 @@ from llama2.stages.artifacts import INSTRUCTION_PHASE  # noqa: E402
 
 PER_PROMPT = ("examples", "helpfulness_scores")  # kept in the evaluation stage's results, not in report.json
 LOSS_STAGES = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "gatt")
+PPO_BY_KIND = {"reward_helpfulness_on_helpful_prompts": "helpfulness RM on helpful prompts",
+               "reward_safety_on_safety_prompts": "safety RM on safety prompts",
+               "oracle_helpfulness_on_helpful_prompts": "oracle helpfulness on helpful prompts",
+               "oracle_safety_on_safety_prompts": "oracle safety on safety prompts"}
+"""PPO's summary keys (start and end) that the report spells out, and how."""
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -404,6 +409,10 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                   f"mean KL to the reference {p['mean_kl']:.4f} ({p.get('kl_estimator', '?')} estimator, "
                   f"β = {p.get('beta', '?')}); oracle helpfulness {p.get('oracle_helpfulness_start', nan):.3f} "
                   f"→ {p.get('oracle_helpfulness_end', nan):.3f}."]
+        by_kind = [f"{label} {p[key + '_start']:.3f} → {p[key + '_end']:.3f}" for key, label in PPO_BY_KIND.items()
+                   if p.get(key + "_start") is not None and p.get(key + "_end") is not None]
+        if by_kind:
+            lines.append("By the score each kind of prompt is rewarded with: " + "; ".join(by_kind) + ".")
     if "safety_distillation" in report:
         d = report["safety_distillation"]
         medians = ", ".join(f"{k} {v['median']:.3f}" for k, v in d.get("scores", {}).items())
