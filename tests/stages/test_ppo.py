@@ -167,11 +167,17 @@ def test_warnings_flag_negative_kl_runaway_length_and_reward_hacking():
     targeted = ppo.PPOHyper(max_gen_len=10, kl_target=0.5)
     assert ppo.warnings_for({**calm, "kl": 0.4}, [], targeted, 4) == []
     assert "above the target 0.5" in ppo.warnings_for({**calm, "kl": 0.6}, [], targeted, 4)[0]
-    history = [{**calm, "reward_combined": 0.1 * i, "oracle_combined": 0.5 - 0.1 * i} for i in range(3)]
-    last = {**calm, "reward_combined": 0.5, "oracle_combined": 0.1}
-    assert any("reward hacking" in w for w in ppo.warnings_for(last, history, h, 4))
-    honest = [{**r, "oracle_combined": r["reward_combined"]} for r in history]
-    assert ppo.warnings_for({**last, "oracle_combined": 0.5}, honest, h, 4) == []
+    rm, oracle = "reward_helpfulness_on_helpful_prompts", "oracle_helpfulness_on_helpful_prompts"
+    history = [{**calm, "oracle_combined": 0.5, rm: 0.1 * i, oracle: 0.5 - 0.1 * i} for i in range(3)]
+    last = {**calm, "oracle_combined": 0.5, rm: 0.5, oracle: 0.1}
+    hacked = [w for w in ppo.warnings_for(last, history, h, 4) if "reward hacking" in w]
+    assert len(hacked) == 1 and "helpfulness_on_helpful_prompts" in hacked[0]
+    honest = [{**r, oracle: r[rm]} for r in history]
+    assert ppo.warnings_for({**last, oracle: 0.5}, honest, h, 4) == []
+    # more safety prompts in later batches raise R_c and lower the oracle's batch mean, each kind unchanged
+    mix = [{**calm, "reward_combined": 0.45 + 0.05 * i, "oracle_combined": 0.7 - 0.05 * i, rm: 0.44, oracle: 0.7,
+            "reward_safety_on_safety_prompts": 0.8, "oracle_safety_on_safety_prompts": 0.48} for i in range(4)]
+    assert ppo.warnings_for(mix[-1], mix[:-1], h, 4) == []
 
 
 def test_summary_compares_the_first_and_last_eighth_of_the_iterations():

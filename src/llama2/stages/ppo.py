@@ -612,13 +612,20 @@ def warnings_for(record: dict, history: Sequence[dict], h: PPOHyper, window: int
     if len(recent) >= max(window, 4):
         half = len(recent) // 2
 
-        def rise(key: str) -> float:
-            first, second = recent[:half], recent[half:]
-            return sum(r[key] for r in second) / len(second) - sum(r[key] for r in first) / len(first)
+        def rise(key: str) -> float | None:
+            means = [[r[key] for r in part if r.get(key) is not None] for part in (recent[:half], recent[half:])]
+            return sum(means[1]) / len(means[1]) - sum(means[0]) / len(means[0]) if all(means) else None
 
-        if rise("reward_combined") > 0 and rise("oracle_combined") < 0:
-            found.append(f"reward hacking? over the last {len(recent)} iterations the reward rose by "
-                         f"{rise('reward_combined'):.3f} while the oracle fell by {-rise('oracle_combined'):.3f}")
+        # Each kind of prompt against its own judge: the batch means move with the share of safety prompts,
+        # which raises R_c (safety RM ~0.8 on attacks, helpfulness RM ~0.45) and lowers the oracle's mean at
+        # once, so that on the whole batch a drawn mix looked like hacking (runs/demo41_seed1: R_c 0.530 ->
+        # 0.563, oracle 0.570 -> 0.506, while by kind the RMs moved +0.003 and +0.003, the oracle -0.008 and +0.008).
+        for reward_key, oracle_key in zip(KIND_KEYS["reward"], KIND_KEYS["oracle"], strict=True):
+            up, down = rise(reward_key), rise(oracle_key)
+            if up is not None and down is not None and up > 0 and down < 0:
+                kind = reward_key.removeprefix("reward_")
+                found.append(f"reward hacking? over the last {len(recent)} iterations the reward ({kind}) rose "
+                             f"by {up:.3f} while the oracle's fell by {-down:.3f}")
     return found
 
 
