@@ -596,6 +596,12 @@ def rollout_metrics(rollout: Rollout, h: PPOHyper) -> dict[str, float | None]:
     }
 
 
+def _mean_of(records: Sequence[dict], key: str) -> float | None:
+    """Mean of `key` over the metric records that have it (a batch may hold no prompt of one kind: None)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def warnings_for(record: dict, history: Sequence[dict], h: PPOHyper, window: int) -> list[str]:
     """Negative KL, runaway length, and the reward rising while the oracle falls (reward hacking)."""
     found = []
@@ -613,8 +619,8 @@ def warnings_for(record: dict, history: Sequence[dict], h: PPOHyper, window: int
         half = len(recent) // 2
 
         def rise(key: str) -> float | None:
-            means = [[r[key] for r in part if r.get(key) is not None] for part in (recent[:half], recent[half:])]
-            return sum(means[1]) / len(means[1]) - sum(means[0]) / len(means[0]) if all(means) else None
+            before, after = _mean_of(recent[:half], key), _mean_of(recent[half:], key)
+            return None if before is None or after is None else after - before
 
         # Each kind of prompt against its own judge: the batch means move with the share of safety prompts,
         # which raises R_c (safety RM ~0.8 on attacks, helpfulness RM ~0.45) and lowers the oracle's mean at
@@ -637,15 +643,11 @@ def summarize(history: Sequence[dict], cfg: Config) -> dict:
     first, last = history[0], history[-1]
     window = max(1, len(history) // 8)
 
-    def mean(rows: Sequence[dict], key: str) -> float | None:
-        values = [r[key] for r in rows if r.get(key) is not None]  # a batch may hold no prompt of one kind
-        return sum(values) / len(values) if values else None
-
     def start(key: str) -> float | None:
-        return mean(history[:window], key)
+        return _mean_of(history[:window], key)
 
     def end(key: str) -> float | None:
-        return mean(history[-window:], key)
+        return _mean_of(history[-window:], key)
 
     out = {
         "iterations": last["iteration"],
