@@ -96,6 +96,8 @@ class DistillSettings:
     answers only −0.005 ± 0.005, at the same violation rate (0.017 and 0.019; runs/demo31's GAtt model)."""
     data: safety.DistillData = field(default_factory=safety.DistillData)
     epochs: float = 2.0
+    max_seq_len: int | None = None
+    """Window length for packing the fine-tune's dialogs (None: the model's context), as `sft.Config`'s."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
@@ -124,6 +126,8 @@ class InstructionPhase:
     SFT helpfulness inside its seed-to-seed spread; at 0.5 helpfulness fell (0.679 -> 0.541 after SFT) and
     held-out constraints were kept less (0.50 -> 0.28). The demo uses 0.3."""
     epochs: float = 4.0
+    max_seq_len: int | None = None
+    """Window length for packing (None: the model's context), as `sft.Config.max_seq_len`."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
@@ -269,6 +273,7 @@ def run_sft(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     if not phase.dialogs:
         return demonstrations
     second = sft.Config(out_dir=str(out / INSTRUCTION_PHASE), init_from=str(out), epochs=phase.epochs,
+                        max_seq_len=phase.max_seq_len,
                         data=sft.SFTData(train_files=[str(data / "sft_instructions.jsonl")], seed=cfg.data.seed),
                         train=phase.train)
     return {**_train_summary(sft.run(second), out / INSTRUCTION_PHASE), "demonstrations": demonstrations}
@@ -381,7 +386,7 @@ def run_safety(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     stage = safety.Config(out_dir=str(out), init_from=str(root / "gatt"), score_with=d.score_with,
                           safety_rm=str(root / "reward_safety") if d.score_with == "rm" else None,
                           data=replace(d.data, world_seed=cfg.data.seed), mix_files=[str(p) for p in mix],
-                          epochs=d.epochs, train=d.train)
+                          epochs=d.epochs, max_seq_len=d.max_seq_len, train=d.train)
     result = _train_summary(safety.run(stage), out)
     return {**result, "distill": json.loads((out / "distill_report.json").read_text()),
             "safety_sft": {"demonstrations": d.demonstrations, "borderline": d.borderline,

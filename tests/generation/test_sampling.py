@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llama2.generation.sampling import next_token, sample_top_p
+from llama2.generation.sampling import next_token, sample, sample_top_p
 
 
 def test_greedy_at_temperature_zero():
@@ -53,3 +53,16 @@ def test_top_p_draws_follow_the_nucleus_of_a_full_sort(sharpness):
         assert set(draws[row].tolist()) <= set(target[row].nonzero().flatten().tolist())
         assert (freq - target[row]).abs().max() < 0.03
         assert (int((target[row] > 0).sum()) > 64) == (sharpness[row] < 1)
+
+
+def test_plain_sampling_follows_the_probabilities():
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(4)) * torch.tensor([[0.5], [2.0], [8.0]])
+    logits[:, 7] = float("-inf")  # a token of probability 0 is never drawn
+    probs = logits.softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(probs, gen) for _ in range(4000)], dim=1)  # (3, 4000)
+    for row in range(3):
+        freq = torch.bincount(draws[row], minlength=200).float() / draws.shape[1]
+        assert (freq - probs[row]).abs().max() < 0.03
+        assert 7 not in draws[row].tolist()
+    assert next_token(logits, 1.0, generator=torch.Generator().manual_seed(2)).shape == (3,)

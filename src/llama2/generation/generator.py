@@ -279,13 +279,17 @@ def _drop_finished_rows(model: Transformer, held: torch.Tensor, done: torch.Tens
 
 def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_gen_len: int,
                    temperature: float, top_p: float, batch_size: int,
-                   generator: torch.Generator | None = None) -> list[str]:
-    """One sampled answer per prompt, decoded and stripped, `batch_size` prompts at a time; the one `generator`
-    runs on across batches, so a seeded run is reproducible at a given batch size."""
+                   generator: torch.Generator | None = None, samples_per_prompt: int = 1) -> list[str]:
+    """`samples_per_prompt` sampled answers per prompt (prompt-major), decoded and stripped, in batches of about
+    `batch_size` rows; each prompt is prefilled once for all its samples (rejection sampling spent 39 of its 97
+    s of decoding prefilling each prompt 8 times). The one `generator` runs on across batches, so a seeded run
+    is reproducible at a given batch size."""
+    n = samples_per_prompt
+    step = max(1, batch_size // n)
     texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        out = generate(model, prompts[start : start + batch_size], max_gen_len, [tokenizer.eos_id], temperature,
-                       top_p, generator=generator)
+    for start in range(0, len(prompts), step):
+        out = generate(model, prompts[start : start + step], max_gen_len, [tokenizer.eos_id], temperature,
+                       top_p, generator=generator, samples_per_prompt=n)
         texts += [tokenizer.decode(t).strip() for t in out.tokens]
     return texts
 

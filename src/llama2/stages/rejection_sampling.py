@@ -49,7 +49,7 @@ class Sampling:
     max_gen_len: int = 512
     """Longest answer in tokens."""
     batch_size: int = 64
-    """Sequences generated together (prompts × samples are flattened into rows)."""
+    """Rows generated together: `batch_size // samples_per_prompt` prompts, each prefilled once for its samples."""
     seed: int = 0
     """Seed of the sampling generator."""
 
@@ -126,9 +126,10 @@ def read_prompts(files: list[str], safety_kinds: list[str]) -> list[Prompt]:
 
 def sample_responses(llm: Llama, prompts: list[Prompt], s: Sampling, temperature: float) -> list[list[str]]:
     """K answers per prompt (P lists of K strings), generated in batches of `s.batch_size` rows."""
-    rows = [encode_dialog(llm.tokenizer, p.dialog) for p in prompts for _ in range(s.samples_per_prompt)]
+    ids = [encode_dialog(llm.tokenizer, p.dialog) for p in prompts]
     gen = torch.Generator(llm.device).manual_seed(s.seed)
-    texts = generate_texts(llm.model, llm.tokenizer, rows, s.max_gen_len, temperature, s.top_p, s.batch_size, gen)
+    texts = generate_texts(llm.model, llm.tokenizer, ids, s.max_gen_len, temperature, s.top_p, s.batch_size, gen,
+                           samples_per_prompt=s.samples_per_prompt)
     k = s.samples_per_prompt
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 

@@ -166,6 +166,8 @@ class Config:
     safety SFT and targeted distillation without forgetting helpfulness."""
     epochs: float = 2.0
     """Passes over the distilled examples (and the mixed-in files)."""
+    max_seq_len: int | None = None
+    """Window length for packing the fine-tune's dialogs (None: the model's context), as `sft.Config`'s."""
     train: TrainConfig = field(default_factory=sft.finetune_train)
     """The fine-tuning engine settings (`steps` is set from `epochs`)."""
 
@@ -307,7 +309,7 @@ def run(cfg: Config) -> TrainResult:
         print(f"distill: kept {report['kept']} of {report['prompts']} distilled answers "
               f"({report['share_kept']:.0%}); median safety score {medians} [{report['scorer']}]", file=sys.stderr)
     # 5. fine-tune on the kept answers, the prompts without the preprompt (plus any mixed-in data)
-    finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs,
+    finetune = sft.Config(out_dir=str(out), init_from=str(source), epochs=cfg.epochs, max_seq_len=cfg.max_seq_len,
                           data=sft.SFTData(train_files=[str(train_file), *cfg.mix_files], seed=cfg.data.seed),
                           train=cfg.train)
     return sft.run(finetune)
