@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llama2 import ModelArgs, Transformer
-from llama2.generation.generator import generate
+from llama2.generation.generator import generate, generate_texts
 
 
 def _model(max_seq_len: int = 64) -> Transformer:
@@ -123,3 +123,25 @@ def test_finished_rows_leave_the_batch_without_changing_any_row_s_tokens(monkeyp
         lengths = [len(t) for t in kept.tokens]
         assert min(lengths) < max(lengths) == 24  # rows really end apart
         assert min(fed_rows[1:]) < len(prompts) * 6  # and the finished ones were no longer fed
+
+
+class _Chars:
+    """A tokenizer stand-in for `generate_texts`: ids printed as letters."""
+
+    eos_id = 95
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(65 + t % 26) for t in ids)
+
+
+def test_generate_texts_samples_each_prompt_in_batches_of_rows_prompt_major():
+    model = _model()
+    rows = [p for p in PROMPTS for _ in range(2)]
+    expected = generate(model, rows, 8, stop_ids=[_Chars.eos_id], temperature=1.0, top_p=1.0,
+                        generator=torch.Generator().manual_seed(3))
+    texts = generate_texts(model, _Chars(), PROMPTS, 8, 1.0, 1.0, batch_size=6,
+                           generator=torch.Generator().manual_seed(3), samples_per_prompt=2)
+    assert texts == [_Chars().decode(t).strip() for t in expected.tokens]
+    one_a_batch = generate_texts(model, _Chars(), PROMPTS, 8, 1.0, 1.0, batch_size=2,
+                                 generator=torch.Generator().manual_seed(3), samples_per_prompt=2)
+    assert len(one_a_batch) == 6
