@@ -5,7 +5,7 @@ import pytest
 from llama2 import ModelArgs, Tokenizer, Transformer
 from llama2.cli import main
 from llama2.data.toyworld import ToyWorld
-from llama2.evaluation.dialogue import AdherenceSettings, adherence_by_turn, opening_dialogs
+from llama2.evaluation.dialogue import AdherenceSettings, adherence_by_turn, adherence_of_pools, opening_dialogs
 from llama2.model.checkpoint import save_hf
 
 
@@ -58,6 +58,19 @@ def test_adherence_curve_follows_the_replies(world, tiny_tokenizer_path):
     assert len(failures) == 8 and all(f["first_turn"] == 3 and f["turns_failed"] == 2 for f in failures)
     assert all(f["reply"] == "The river is long." and f["broken"] for f in failures)
 
+
+
+def test_both_pools_decode_in_one_batch_with_the_results_of_each_alone(world, tiny_tokenizer_path):
+    llm = Scripted(world, Tokenizer(tiny_tokenizer_path), good_turns=2)
+    batches = []
+    record = llm.chat_completion
+    llm.chat_completion = lambda dialogs, **kw: batches.append(len(dialogs)) or record(dialogs, **kw)
+    settings = AdherenceSettings(dialogs=5, turns=3)
+    both = adherence_of_pools(llm, world, settings, ("seen", "held_out"), progress=False)
+    assert batches == [10, 10, 10]
+    for pool in ("seen", "held_out"):
+        assert both[pool] == adherence_by_turn(llm, world, settings, held_out=pool == "held_out", progress=False)
+    assert both["seen"]["example"][0] != both["held_out"]["example"][0]
 
 @pytest.mark.slow
 def test_gatt_adherence_task_end_to_end(tmp_path, tiny_tokenizer_path):
