@@ -178,3 +178,15 @@ def test_safety_tunings_helpful_replay_has_the_configured_share_of_careless_answ
     careless = pipeline._helpful_dialogs(cfg, world, 60, seed=22, careless_rate=1.0)
     sft_mix = pipeline._helpful_dialogs(cfg, world, 60, seed=22)  # the SFT set's own share
     assert helpfulness(careful) > helpfulness(sft_mix) > helpfulness(careless)
+
+
+def test_a_stage_runs_in_a_process_of_its_own_and_a_failure_names_it(tmp_path):
+    cfg = pipeline.load_pipeline_config(str(SMOKE), str(tmp_path), ["stage_processes=true"])
+    stages = {s.name: s for s in pipeline.STAGES}
+    (tmp_path / "data").mkdir()
+    result = pipeline.run_stage_in_process(stages["data"], cfg, tmp_path / "data")
+    assert result["tokenizer"] and (tmp_path / "data" / "sft_helpful.jsonl").is_file()
+    assert not (tmp_path / "data" / "result.tmp.json").exists()
+    (tmp_path / "ppo").mkdir()  # no rejection-sampling model to start from
+    with pytest.raises(RuntimeError, match="stage ppo failed in its process"):
+        pipeline.run_stage_in_process(stages["ppo"], cfg, tmp_path / "ppo")

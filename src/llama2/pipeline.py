@@ -172,6 +172,11 @@ class PipelineConfig:
     scaling: scaling_experiment.Config = field(default_factory=scaling_experiment.Config)
     """The scaling experiment's settings (`out_dir`, `init_from`, the eval data and RMs are set by the pipeline)."""
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    stage_processes: bool = True
+    """Run each stage in a process of its own (spawned; the driver waits for it and reads its result). In
+    one process the demo's GAtt stage took 305 s (sampling 126 s, fine-tuning at 5,500 tokens/s); started
+    fresh, 194 s (80 s, 8,100 tokens/s), with as much work (Intel). False runs every stage in the driver's
+    process (the smoke preset, so that tests can patch a stage)."""
 
 
 @dataclass
@@ -487,7 +492,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         start = time.perf_counter()
         if on:
             print(f"pipeline: {stage.name} ...", file=sys.stderr)
-            result = stage.run(cfg, stage_dir) | ({} if stage.enabled is None else {"enabled": True})
+            result = run_stage_in_process(stage, cfg, stage_dir) if cfg.stage_processes else stage.run(cfg, stage_dir)
+            result |= {} if stage.enabled is None else {"enabled": True}
         else:
             result = {"enabled": False}
         result["seconds"] = time.perf_counter() - start
@@ -498,6 +504,36 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     report = write_report(out, results)
     print(summary_screen(report), file=sys.stderr)
     return report
+
+
+def run_stage_in_process(stage: Stage, cfg: PipelineConfig, stage_dir: Path) -> dict[str, Any]:
+    """`stage.run(cfg, stage_dir)` in a spawned process; its result comes back through a JSON file (as a
+    finished stage's would from its stage.json). Ctrl-C reaches the child too, whose training saves a
+    checkpoint before it exits; the driver waits for that."""
+    import multiprocessing
+
+    result_file = stage_dir / "result.tmp.json"
+    result_file.unlink(missing_ok=True)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_stage_child, args=(stage.name, cfg, str(stage_dir), str(result_file)), name=f"stage-{stage.name}")
+    child.start()
+    try:
+        child.join()
+    except KeyboardInterrupt:
+        child.join()
+        raise
+    if child.exitcode != 0 or not result_file.is_file():
+        raise RuntimeError(f"pipeline: stage {stage.name} failed in its process (exit code {child.exitcode}); its "
+                           "error is printed above. The same command resumes the pipeline at this stage.")
+    result = json.loads(result_file.read_text())
+    result_file.unlink()
+    return result
+
+
+def _stage_child(name: str, cfg: PipelineConfig, stage_dir: str, result_file: str) -> None:
+    random.seed(cfg.data.seed)
+    result = next(s for s in STAGES if s.name == name).run(cfg, Path(stage_dir))
+    Path(result_file).write_text(json.dumps(result, default=str))
 
 
 def summary_screen(report: dict[str, Any]) -> str:
