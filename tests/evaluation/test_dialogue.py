@@ -59,7 +59,6 @@ def test_adherence_curve_follows_the_replies(world, tiny_tokenizer_path):
     assert all(f["reply"] == "The river is long." and f["broken"] for f in failures)
 
 
-
 def test_both_pools_decode_in_one_batch_with_the_results_of_each_alone(world, tiny_tokenizer_path):
     llm = Scripted(world, Tokenizer(tiny_tokenizer_path), good_turns=2)
     batches = []
@@ -71,6 +70,7 @@ def test_both_pools_decode_in_one_batch_with_the_results_of_each_alone(world, ti
     for pool in ("seen", "held_out"):
         assert both[pool] == adherence_by_turn(llm, world, settings, held_out=pool == "held_out", progress=False)
     assert both["seen"]["example"][0] != both["held_out"]["example"][0]
+
 
 @pytest.mark.slow
 def test_gatt_adherence_task_end_to_end(tmp_path, tiny_tokenizer_path):
