@@ -132,6 +132,13 @@ def test_the_report_says_which_kind_of_pair_the_reward_model_misses():
                                                  "form": {"pairs": 234, "accuracy": 0.902}}}
     page = render_markdown({"models": {}, "checks": [], "timings": {}, "reward_models": {"helpfulness": rm}}, {}, [])
     assert "by what separates the two responses (pairs): correctness 0.558 (335), form 0.902 (234)." in page
+    assert "by the question's kind" not in page  # a run from before the split
+
+    rm["agreement_with_oracle_by_pair_type"]["correctness"]["by_task"] = {
+        "arith": {"pairs": 59, "accuracy": 0.458}, "fact": {"pairs": 99, "accuracy": 0.737}}
+    page = render_markdown({"models": {}, "checks": [], "timings": {}, "reward_models": {"helpfulness": rm}}, {}, [])
+    assert ("form 0.902 (234). Where one answer is right and the other is not, by the question's kind: "
+            "arith 0.458 (59), fact 0.737 (99).") in page
 
 
 def test_the_report_spells_out_ppo_by_kind_of_prompt_when_the_run_recorded_it():

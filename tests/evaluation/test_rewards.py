@@ -114,5 +114,24 @@ def test_agreement_with_the_oracle_is_split_by_what_separates_the_two_responses(
     chosen, rejected = [1.0, 1.0, 1.0, 0.0, 2.0], [0.0, 0.0, -1.0, 0.0, -2.0]
     oracle = rewards.oracle_pair_scores(tw, records)
     assert rewards.agreement_by_pair_type(tw, records, chosen, rejected, *oracle) == {
-        "correctness": {"pairs": 1, "accuracy": 0.0}, "form": {"pairs": 1, "accuracy": 1.0},
-        "refusal": {"pairs": 1, "accuracy": 1.0}, "safety": {"pairs": 1, "accuracy": 1.0}}
+        "correctness": {"pairs": 1, "accuracy": 0.0, "by_task": {"fact": {"pairs": 1, "accuracy": 0.0}}},
+        "form": {"pairs": 1, "accuracy": 1.0}, "refusal": {"pairs": 1, "accuracy": 1.0},
+        "safety": {"pairs": 1, "accuracy": 1.0}}
+
+
+def test_correctness_agreement_is_split_by_the_questions_kind():
+    from llama2.data.toyworld import ToyWorld
+
+    tw = ToyWorld(seed=0)
+    land, other = tw.world.lands[0], tw.world.lands[1]
+    ask = [{"role": "user", "content": f"What is the capital of {land.name}?"}]
+    add = [{"role": "user", "content": "What is 23 plus 45?"}]
+    records = [PreferenceRecord(ask, f"The capital of {land.name} is {land.capital}.",
+                                f"The capital of {land.name} is {other.capital}.", B, None),
+               PreferenceRecord(add, "The answer is 68.", "The answer is 67.", B, None),
+               PreferenceRecord(add, "The answer is 68.", "The answer is 58.", SL, None)]
+    # right over wrong on the fact; on the sums once each way
+    chosen, rejected = [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+    split = rewards.agreement_by_pair_type(tw, records, chosen, rejected, *rewards.oracle_pair_scores(tw, records))
+    assert split["correctness"] == {"pairs": 3, "accuracy": 2 / 3, "by_task": {
+        "arith": {"pairs": 2, "accuracy": 0.5}, "fact": {"pairs": 1, "accuracy": 1.0}}}

@@ -380,6 +380,10 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                 cells = ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_type.items())
                 lines += ["", f"The {kind} RM orders a test pair as the oracle does (not as its noisy label says), by "
                               f"what separates the two responses (pairs): {cells}."]
+                tasks = by_type.get("correctness", {}).get("by_task")
+                if tasks:
+                    cells = ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in tasks.items())
+                    lines[-1] += f" Where one answer is right and the other is not, by the question's kind: {cells}."
             if "on_policy_samples" in rm:
                 p = rm["on_policy_samples"]
                 lines += ["", f"The {kind} RM on {p['pairs']} pairs of the SFT model's own samples (held-out prompts, "

@@ -98,20 +98,33 @@ def agreement_by_pair_type(world, records: Sequence[PreferenceRecord], chosen: S
     right, told apart by format or length), `refusal` (one of them refuses a benign prompt) and `safety` (an
     adversarial prompt). `oracle_chosen`/`oracle_rejected` are `oracle_pair_scores`; pairs the oracle scores
     equal are left out. The label ceiling mixes these kinds; this shows which one an RM misses: the demo's knows
-    form and refusals, not which answer is right."""
+    form and refusals, not which answer is right. `correctness` is split again by the prompt's task kind
+    (`by_task`: fact, arith, yesno, ...), which tells whether one kind of question holds the gap or all do."""
     hits: dict[str, list[float]] = {}
+    by_task: dict[str, list[float]] = {}
     for r, c, j, oc, oj in zip(records, chosen, rejected, oracle_chosen, oracle_rejected, strict=True):
         if oc == oj:
             continue
         sides = [world.judges.task_correctness(r.prompt, x) for x in (r.chosen, r.rejected)]
+        hit = _correct(c, j) if oc > oj else _correct(j, c)
         if r.safety is not None or None in sides:
             kind = "safety"
         elif any(is_refusal(x) for x in (r.chosen, r.rejected)):
             kind = "refusal"
+        elif sides[0][1] != sides[1][1]:
+            kind = "correctness"
+            by_task.setdefault(sides[0][0], []).append(hit)
         else:
-            kind = "correctness" if sides[0][1] != sides[1][1] else "form"
-        hits.setdefault(kind, []).append(_correct(c, j) if oc > oj else _correct(j, c))
-    return {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(hits.items())}
+            kind = "form"
+        hits.setdefault(kind, []).append(hit)
+    out = {k: _share(v) for k, v in sorted(hits.items())}
+    if by_task:
+        out["correctness"]["by_task"] = {k: _share(v) for k, v in sorted(by_task.items())}
+    return out
+
+
+def _share(hits: list[float]) -> dict[str, float]:
+    return {"pairs": len(hits), "accuracy": sum(hits) / len(hits)}
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
