@@ -4,7 +4,8 @@
 
 Batch-1 greedy decoding of 128 new tokens (our KV-cache generator, eager and with its compiled step, vs
 `LlamaForCausalLM.generate`), and one
-AdamW training step on a batch of 8 x 256 tokens through the same loop for both models. Same weights.
+AdamW training step on a batch of 8 x 256 tokens through the same loop for both models (ours with the loss as
+the training engine computes it, the output layer fused with the cross-entropy). Same weights.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def _train_rows(ours, theirs) -> list[dict]:
     batch = torch.randint(0, 32000, (8, 257), generator=torch.Generator().manual_seed(0))
     x, y = batch[:, :-1], batch[:, 1:]
 
-    def step_fn(model, logits_of):
+    def step_fn(model, loss_of):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
 
         def step():
-            loss = F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten())
+            loss = loss_of(model)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -85,8 +86,14 @@ def _train_rows(ours, theirs) -> list[dict]:
 
         return step
 
-    t_ours = best_time(step_fn(ours, lambda m, t: m(t)), repeats=5, warmup=2)
-    t_theirs = best_time(step_fn(theirs, lambda m, t: m(t).logits.float()), repeats=5, warmup=2)
+    # ours through the loss the training engine uses (the output layer fused with the cross-entropy), theirs
+    # through the logits; the same number before any step
+    ours_loss = lambda m: m(x, targets=y)  # noqa: E731
+    theirs_loss = lambda m: F.cross_entropy(m(x).logits.float().flatten(0, 1), y.flatten())  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(ours_loss(ours), theirs_loss(theirs), rtol=1e-5, atol=1e-5)
+    t_ours = best_time(step_fn(ours, ours_loss), repeats=5, warmup=2)
+    t_theirs = best_time(step_fn(theirs, theirs_loss), repeats=5, warmup=2)
     tokens = x.numel()
     return [
         {"benchmark": "train step 8 x 256, AdamW", "impl": "llama2", "tokens/s": tokens / t_ours,

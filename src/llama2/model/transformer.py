@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama2.model.args import ModelArgs
+from llama2.model.linear_cross_entropy import linear_cross_entropy
 from llama2.model.masked_attention import masked_attention
 
 
@@ -231,10 +232,18 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 logits (B, T, vocab); with a boolean `keep` (B, T), only the kept positions' logits, (N, vocab)
         in row-major order. A chat loss is on the assistant tokens alone (about a seventh of a packed toy
         window; the output layer and an fp32 log-softmax over the vocabulary cost as much as a third of the
-        blocks' work), and at Llama 2's 32k vocabulary the full fp32 logits of one 4096-token row are 0.5 GB."""
+        blocks' work), and at Llama 2's 32k vocabulary the full fp32 logits of one 4096-token row are 0.5 GB.
+        With `targets` ((B, T), or (N,) with `keep`; -100 where no loss) the mean next-token cross-entropy
+        instead, computed chunk by chunk without the logits (`linear_cross_entropy`). It is computed here, not
+        by the caller from the logits, so that under FSDP it runs while the output weight is gathered."""
         h = self.hidden_states(tokens, start_pos, mask, positions)
-        return self.output(h if keep is None else h[keep]).float()
+        if keep is not None:
+            h = h[keep]
+        if targets is not None:
+            return linear_cross_entropy(h, self.output.weight, targets)
+        return self.output(h).float()

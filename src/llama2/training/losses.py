@@ -39,7 +39,7 @@ def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torc
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
     """The language-modelling `LossFn` (pretraining, SFT): batch `{"tokens": (B, T), "labels": (B, T)}`."""
     tokens, labels = batch["tokens"], batch["labels"]
-    loss = next_token_cross_entropy(model(tokens), labels)  # model(tokens): (B, T, V)
+    loss = model(tokens, targets=labels)  # the model's fused output layer and cross-entropy
     return loss, {"loss": loss.detach(), "tokens": float(tokens.numel())}
 
 
@@ -57,8 +57,8 @@ def packed_chat_loss(
         same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
         mask = (same & torch.ones_like(same[0]).tril())[:, None]  # (B, 1, T, T): causal within a dialog
     trained = labels != IGNORE_INDEX
-    # logits only where the loss is: the output layer and the log-softmax skip every prompt token
-    loss = next_token_cross_entropy(model(tokens, mask=mask, keep=trained), labels[trained])
+    # the output layer and the cross-entropy only where the loss is: they skip every prompt token
+    loss = model(tokens, mask=mask, keep=trained, targets=labels[trained])
     return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.sum().float()}
 
 
