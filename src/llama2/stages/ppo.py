@@ -692,7 +692,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
                 ax.plot(its, [float("nan") if y is None else y for y in ys], label=key, marker=".")
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.lines:  # a run without the toy world's oracle has nothing in that panel
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
