@@ -8,8 +8,8 @@ gradients with respect to the hidden states and the weight (softmax minus the on
 of rows), then drops its logits: the same three matmuls as forward and backward, no logits kept. Backward only
 scales the stored gradients by the incoming one. Liger-Kernel's fused linear cross-entropy does the same on
 GPUs, for the memory. On the 2-core CPU it is also faster: for the stories15M shape (2,048 positions, vocab
-32,000) the head's forward and backward took 0.60-0.63 s instead of 0.71 s in fp32 and 0.35 s instead of 0.50 s
-under bf16 autocast; for the toy demo's (4,096 positions, vocab 2,048) 0.022 s instead of 0.044 s.
+32,000) the head's forward and backward took 0.58-0.64 s instead of 0.70-0.72 s in fp32 and 0.35 s instead of
+0.49-0.51 s under bf16 autocast; for the toy demo's (4,096 positions, vocab 2,048) 0.022 s instead of 0.044 s.
 """
 
 from __future__ import annotations
