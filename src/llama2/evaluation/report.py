@@ -377,13 +377,12 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
         for kind, rm in report["reward_models"].items():
             by_type = rm.get("agreement_with_oracle_by_pair_type")
             if by_type:
-                cells = ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_type.items())
                 lines += ["", f"The {kind} RM orders a test pair as the oracle does (not as its noisy label says), by "
-                              f"what separates the two responses (pairs): {cells}."]
+                              f"what separates the two responses (pairs): {_shares(by_type)}."]
                 tasks = by_type.get("correctness", {}).get("by_task")
                 if tasks:
-                    cells = ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in tasks.items())
-                    lines[-1] += f" Where one answer is right and the other is not, by the question's kind: {cells}."
+                    lines[-1] += (" Where one answer is right and the other is not, by the question's kind: "
+                                  f"{_shares(tasks)}.")
             if "on_policy_samples" in rm:
                 p = rm["on_policy_samples"]
                 lines += ["", f"The {kind} RM on {p['pairs']} pairs of the SFT model's own samples (held-out prompts, "
@@ -469,3 +468,8 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
     lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {t['seconds']:.0f} |" for name, t in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _shares(groups: dict[str, dict]) -> str:
+    """Agreement shares keyed by group, written as "correctness 0.624 (335), form 0.893 (234)"."""
+    return ", ".join(f"{name} {v['accuracy']:.3f} ({v['pairs']})" for name, v in groups.items())

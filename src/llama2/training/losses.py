@@ -56,10 +56,10 @@ def packed_chat_loss(
     if block_diagonal:
         same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
         mask = (same & torch.ones_like(same[0]).tril())[:, None]  # (B, 1, T, T): causal within a dialog
-    trained = labels != IGNORE_INDEX
-    # the output layer and the cross-entropy only where the loss is: they skip every prompt token
-    loss = model(tokens, mask=mask, keep=trained, targets=labels[trained])
-    return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained.sum().float()}
+    # the model's loss skips the IGNORE_INDEX positions (every prompt token) before its output layer
+    loss = model(tokens, mask=mask, targets=labels)
+    trained = (labels != IGNORE_INDEX).sum().float()
+    return loss, {"loss": loss.detach(), "tokens": float(tokens.numel()), "trained_tokens": trained}
 
 
 # --- reward models (SPEC §7) ----------------------------------------------------------------------------------
