@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llama2.serving import engine as engine_module
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -125,7 +127,7 @@ return r.length && !r[r.length - 1].classList.contains('streaming') && document.
 """
 
 
-def test_chat_page_streams_a_reply_keeps_history_and_stops(browser, live_server):
+def test_chat_page_streams_a_reply_keeps_history_and_stops(browser, live_server, monkeypatch):
     browser.get(live_server.base_url + "/")
     assert browser.wait_for("return document.getElementById('model-name').textContent") == "tiny"
     browser.click("#settings summary")
@@ -161,7 +163,15 @@ def test_chat_page_streams_a_reply_keeps_history_and_stops(browser, live_server)
     # 3. On a phone-sized window nothing overflows sideways.
     assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
 
-    # 4. Stop: press it as soon as the first piece of a long reply arrives.
+    # 4. Stop: press it as soon as the first piece of a long reply arrives. The tiny model writes 150 tokens
+    # faster than WebDriver can click, so each model step is slowed to 0.1 s: the reply is still running.
+    real_forward_rows = engine_module.forward_rows
+
+    def slow_forward_rows(*args, **kwargs):
+        time.sleep(0.1)
+        return real_forward_rows(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward_rows", slow_forward_rows)
     browser.click("#new-chat")
     browser.js("document.getElementById('max-tokens').value = '150';")
     browser.type("#input", "Tell me a very long story")
