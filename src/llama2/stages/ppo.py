@@ -5,10 +5,12 @@ setup → loop → cleanup. Setup loads the policy, a frozen copy of it as the r
 (helpfulness and/or safety RM, or the toy world's oracle judges for a clearly labelled sanity run). Each
 iteration is six small steps:
 
-    1. generate  one response per prompt with the batched KV-cache generator (log-probs recorded)
+    1. generate  a response per prompt (K per prompt with `ppo.samples_per_prompt`) with the batched KV-cache
+                 generator (log-probs recorded)
     2. score     R_c = R_s if the prompt is tagged safety or R_s < 0.15 else R_h (`combined_score`)
     3. forward   log-probs of π_θ and π_0, values and entropy on the sampled tokens (no grad)
-    4. rewards   WHITEN(LOGIT(R_c)) over the batch at the last response token − β·KL(π_θ‖π_0) per token
+    4. rewards   WHITEN(LOGIT(R_c)) over the batch (or centred per prompt) at the last response token
+                 − β·KL(π_θ‖π_0) per token
     5. GAE       advantages and returns (γ, λ)
     6. update    PPO epochs: shuffled mini-batches, one clipped-objective AdamW step each
 
@@ -116,7 +118,7 @@ class Models:
 
 @dataclass
 class Prompts:
-    """The prompts rollouts are generated for (one response each per iteration)."""
+    """The prompts rollouts are generated for (`ppo.samples_per_prompt` responses each per iteration)."""
 
     files: list[str] = field(default_factory=list)
     """Chat jsonl, each dialog ending with a user turn (e.g. the toy world's eval_*.jsonl)."""
@@ -369,7 +371,8 @@ def _generator(seed: int, iteration: int, purpose: str, device: torch.device) ->
 
 def generate_responses(policy: Transformer, prompts: Sequence[Prompt], eos_id: int, h: PPOHyper,
                        generator: torch.Generator) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-    """One response per prompt → (response ids without EOS, their generator log-probs, truncated flags)."""
+    """One response per prompt row (a prompt sampled K times fills K rows) → (response ids without EOS, their
+    generator log-probs, truncated flags)."""
     ids, logprobs = [], []
     was_training = policy.training
     policy.eval()
