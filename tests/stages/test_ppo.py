@@ -122,6 +122,39 @@ def test_tiny_ppo_learns_the_target_token(setup, tmp_path):
         assert key in history[-1]
 
 
+def test_scores_whitened_per_prompt_reward_beating_the_prompts_other_samples():
+    # two prompts, two samples each: the first prompt's samples both score high, the second's both low
+    combined = torch.tensor([0.9, 0.7, 0.3, 0.1])
+    per_batch = ppo.score_reward(combined)
+    assert per_batch[1] > 0 and per_batch[2] < 0  # over the batch, easy prompts' worse answers still gain
+    per_prompt = ppo.score_reward(combined, group=2)
+    torch.testing.assert_close(per_prompt, torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-6, rtol=0)
+    # centred per prompt but scaled over the batch: a prompt with two near-equal scores stays near 0
+    uneven = ppo.score_reward(torch.tensor([0.9, 0.1, 0.5, 0.501]), group=2)
+    assert uneven[0] == pytest.approx(-uneven[1]) and abs(uneven[2]) < 0.01 < 1.0 < uneven[0]
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        ppo.Config(ppo=ppo.PPOHyper(batch_size=8, mini_batch_size=4, micro_batch_size=2, samples_per_prompt=3))
+    with pytest.raises(ValueError, match="needs samples_per_prompt of 2"):
+        ppo.Config(ppo=ppo.PPOHyper(batch_size=8, mini_batch_size=4, micro_batch_size=2, score_whitening="prompt"))
+
+
+def test_each_prompt_of_an_iteration_is_sampled_k_times(setup, tmp_path):
+    policy_dir, prompts_file, _ = setup
+    cfg = config(tmp_path, policy_dir, prompts_file, iterations=2, samples_per_prompt=4, score_whitening="prompt")
+    cfg.checkpoint_every = 0
+    batches = []
+
+    def recording(prompts, texts, ids):
+        batches.append([p.dialog[-1]["content"] for p in prompts])
+        return target_scorer(0)(prompts, texts, ids)
+
+    ppo.run(cfg, scorer=recording)
+    assert len(batches) == 2
+    for batch in batches:  # 8 rollouts: 2 prompts, each in a run of 4 with its own samples
+        assert len(batch) == 8 and len(set(batch[:4])) == len(set(batch[4:])) == 1 and batch[0] != batch[4]
+    assert len({b[0] for b in batches} | {b[4] for b in batches}) == 4  # the next iteration draws new prompts
+
+
 class Killed(Exception):
     pass
 

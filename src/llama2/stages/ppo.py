@@ -5,10 +5,12 @@ setup → loop → cleanup. Setup loads the policy, a frozen copy of it as the r
 (helpfulness and/or safety RM, or the toy world's oracle judges for a clearly labelled sanity run). Each
 iteration is six small steps:
 
-    1. generate  one response per prompt with the batched KV-cache generator (log-probs recorded)
+    1. generate  a response per prompt (K per prompt with `ppo.samples_per_prompt`) with the batched KV-cache
+                 generator (log-probs recorded)
     2. score     R_c = R_s if the prompt is tagged safety or R_s < 0.15 else R_h (`combined_score`)
     3. forward   log-probs of π_θ and π_0, values and entropy on the sampled tokens (no grad)
-    4. rewards   WHITEN(LOGIT(R_c)) over the batch at the last response token − β·KL(π_θ‖π_0) per token
+    4. rewards   WHITEN(LOGIT(R_c)) over the batch (or centred per prompt) at the last response token
+                 − β·KL(π_θ‖π_0) per token
     5. GAE       advantages and returns (γ, λ)
     6. update    PPO epochs: shuffled mini-batches, one clipped-objective AdamW step each
 
@@ -116,7 +118,7 @@ class Models:
 
 @dataclass
 class Prompts:
-    """The prompts rollouts are generated for (one response each per iteration)."""
+    """The prompts rollouts are generated for (`ppo.samples_per_prompt` responses each per iteration)."""
 
     files: list[str] = field(default_factory=list)
     """Chat jsonl, each dialog ending with a user turn (e.g. the toy world's eval_*.jsonl)."""
@@ -161,6 +163,14 @@ class PPOHyper:
     kl_target: float | None = None
     """Sequence-level KL to π_0 the run should stay under (not in the paper): an iteration above it logs a
     warning, and summary.json records the last iteration's KL against it. None: no target."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of an iteration (K; the paper samples one): the batch holds
+    batch_size / K prompts, each K times over."""
+    score_whitening: Literal["batch", "prompt"] = "batch"
+    """What WHITEN's mean is taken over. `batch`: the iteration's rollouts. `prompt` (needs K ≥ 2): each
+    prompt's K responses, so a response is rewarded for beating its siblings rather than for its prompt being
+    easy to score well on; the centred scores are then divided by their std over the batch (not per prompt,
+    which would blow K near-equal scores up to ±1)."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch's response tokens before the update."""
     max_gen_len: int = 256
@@ -221,6 +231,11 @@ class Config:
         if p.batch_size % p.mini_batch_size or p.mini_batch_size % p.micro_batch_size:
             raise ValueError(f"ppo.batch_size ({p.batch_size}) must be a multiple of mini_batch_size "
                              f"({p.mini_batch_size}), and that of micro_batch_size ({p.micro_batch_size})")
+        if p.samples_per_prompt < 1 or p.batch_size % p.samples_per_prompt:
+            raise ValueError(f"ppo.batch_size ({p.batch_size}) must be a multiple of samples_per_prompt "
+                             f"({p.samples_per_prompt})")
+        if p.score_whitening == "prompt" and p.samples_per_prompt < 2:
+            raise ValueError("ppo.score_whitening: prompt needs samples_per_prompt of 2 or more")
 
 
 # --- rollouts ----------------------------------------------------------------------------------------------
@@ -356,7 +371,8 @@ def _generator(seed: int, iteration: int, purpose: str, device: torch.device) ->
 
 def generate_responses(policy: Transformer, prompts: Sequence[Prompt], eos_id: int, h: PPOHyper,
                        generator: torch.Generator) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-    """One response per prompt → (response ids without EOS, their generator log-probs, truncated flags)."""
+    """One response per prompt row (a prompt sampled K times fills K rows) → (response ids without EOS, their
+    generator log-probs, truncated flags)."""
     ids, logprobs = [], []
     was_training = policy.training
     policy.eval()
@@ -420,9 +436,13 @@ def combine(scores: Scores, is_safety: torch.Tensor) -> torch.Tensor:
     return h if h is not None else s
 
 
-def score_reward(combined: torch.Tensor) -> torch.Tensor:
-    """R̃_c = WHITEN(LOGIT(R_c)) over the batch of rollouts (B,)."""
-    return whiten(logit(combined.float()))
+def score_reward(combined: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """R̃_c = WHITEN(LOGIT(R_c)) (B,): over the batch of rollouts, or with `group` > 1 centred on each run of
+    `group` consecutive rollouts (one prompt's samples) and scaled by the batch std of the centred scores."""
+    x = logit(combined.float())
+    if group > 1:
+        x = (x.view(-1, group) - x.view(-1, group).mean(1, keepdim=True)).flatten()
+    return whiten(x)
 
 
 # step 3 ----------------------------------------------------------------------------------------------------
@@ -476,7 +496,7 @@ def make_rollout(model: ActorCritic, reference: Transformer, prompts: Sequence[P
     scores = scorer(prompts, texts, responses)
     is_safety = torch.tensor([p.is_safety for p in prompts])
     combined = combine(scores, is_safety).float()
-    score = score_reward(combined)
+    score = score_reward(combined, h.samples_per_prompt if h.score_whitening == "prompt" else 1)
     # 3. log-probs of policy and reference, values, entropy
     logprobs, ref_logprobs, values, ent = forward_rollouts(model, reference, tokens, h.micro_batch_size)
     maskf = mask.float()
@@ -841,7 +861,9 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
     # the loop
     while iteration < h.iterations:
         t0 = time.perf_counter()
-        batch = [prompts[i] for i in prompt_indices(len(prompts), h.batch_size, iteration, cfg.prompts.seed)]
+        k = h.samples_per_prompt
+        batch = [prompts[i] for i in prompt_indices(len(prompts), h.batch_size // k, iteration, cfg.prompts.seed)
+                 for _ in range(k)]
         gen = _generator(cfg.prompts.seed, iteration, "sample", env.device)
         if sampler is not None:
             refresh_sampler(sampler, model.policy)
