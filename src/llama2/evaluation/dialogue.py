@@ -137,14 +137,15 @@ def plot_curves(curves: dict[str, list[float | None]], path: Path, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, curve in curves.items():
         turns = [t + 1 for t, v in enumerate(curve) if v is not None]
         ax.plot(turns, [v for v in curve if v is not None], marker="o", markersize=3, label=label)
     ax.set(xlabel="turn", ylabel="share obeying the instruction", ylim=(-0.02, 1.02),
            title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # below the axes: inside, it covered the GAtt curve, which runs along the top
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
