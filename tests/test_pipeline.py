@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -190,3 +194,40 @@ def test_a_stage_runs_in_a_process_of_its_own_and_a_failure_names_it(tmp_path):
     (tmp_path / "ppo").mkdir()  # no rejection-sampling model to start from
     with pytest.raises(RuntimeError, match="stage ppo failed in its process"):
         pipeline.run_stage_in_process(stages["ppo"], cfg, tmp_path / "ppo")
+
+
+def _stage_processes(pid: int) -> list[int]:
+    """The spawned children of `pid` (multiprocessing's resource tracker, also a child, is left out)."""
+    tasks = Path(f"/proc/{pid}/task")
+    children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()] if tasks.exists() else []
+    return [c for c in children if "spawn_main" in _cmdline(c)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:  # it has just exited
+        return ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from Linux's /proc")
+def test_sigterm_to_the_driver_stops_the_stage_process_too(tmp_path):
+    """`kill <driver>` must not leave the stage's process running on in the run folder."""
+    out = tmp_path / "run"
+    driver = subprocess.Popen([sys.executable, "-m", "llama2.cli", "pipeline", "--preset", str(SMOKE), "--out",
+                               str(out), "--set", "stage_processes=true"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "data" / "stage.json").is_file() and _stage_processes(driver.pid)):  # pretraining's
+            assert driver.poll() is None and time.monotonic() < deadline, "the pretraining stage never started"
+            time.sleep(0.2)
+        stage = _stage_processes(driver.pid)
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr
+    assert all(not Path(f"/proc/{pid}").exists() for pid in stage)
+    assert not (out / "pretrain" / "stage.json").exists()

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, when it has one, says how to resume
+        print(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", file=sys.stderr)
         code = 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         # Expected user errors (bad files, configs, checkpoints) print one clear line, not a traceback.

@@ -14,8 +14,11 @@ Stages that later issues add (reward models, rejection sampling, PPO, safety) pl
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -509,19 +512,38 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 def run_stage_in_process(stage: Stage, cfg: PipelineConfig, stage_dir: Path) -> dict[str, Any]:
     """`stage.run(cfg, stage_dir)` in a spawned process; its result comes back through a JSON file (as a
     finished stage's would from its stage.json). Ctrl-C reaches the child too, whose training saves a
-    checkpoint before it exits; the driver waits for that."""
+    checkpoint before it exits; the driver waits for that. A SIGTERM sent to the driver alone (`kill`, a job
+    scheduler) is passed on to the child in the same way: by default it would end the driver and leave the
+    stage running on, unseen, still writing into the run folder."""
     import multiprocessing
 
     result_file = stage_dir / "result.tmp.json"
     result_file.unlink(missing_ok=True)
     child = multiprocessing.get_context("spawn").Process(
         target=_stage_child, args=(stage.name, cfg, str(stage_dir), str(result_file)), name=f"stage-{stage.name}")
-    child.start()
+    terminated = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        if child.pid is not None:
+            os.kill(child.pid, signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, pass_on) if in_main_thread else None
     try:
-        child.join()
-    except KeyboardInterrupt:
-        child.join()
-        raise
+        child.start()
+        if terminated:  # the signal came before the child had a pid
+            os.kill(child.pid, signal.SIGTERM)
+        try:
+            child.join()
+        except KeyboardInterrupt:
+            child.join()
+            raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        raise KeyboardInterrupt(f"pipeline: stage {stage.name} stopped by SIGTERM; the same command resumes it")
     if child.exitcode != 0 or not result_file.is_file():
         raise RuntimeError(f"pipeline: stage {stage.name} failed in its process (exit code {child.exitcode}); its "
                            "error is printed above. The same command resumes the pipeline at this stage.")
