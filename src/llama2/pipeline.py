@@ -13,6 +13,7 @@ Stages that later issues add (reward models, rejection sampling, PPO, safety) pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -521,27 +522,13 @@ def run_stage_in_process(stage: Stage, cfg: PipelineConfig, stage_dir: Path) -> 
     result_file.unlink(missing_ok=True)
     child = multiprocessing.get_context("spawn").Process(
         target=_stage_child, args=(stage.name, cfg, str(stage_dir), str(result_file)), name=f"stage-{stage.name}")
-    terminated = []
-
-    def pass_on(signum: int, frame: object) -> None:
-        terminated.append(signum)
-        if child.pid is not None:
-            os.kill(child.pid, signum)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, pass_on) if in_main_thread else None
-    try:
-        child.start()
-        if terminated:  # the signal came before the child had a pid
-            os.kill(child.pid, signal.SIGTERM)
+    child.start()
+    with _sigterm_passed_to(child.pid) as terminated:
         try:
             child.join()
         except KeyboardInterrupt:
             child.join()
             raise
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     if terminated:
         raise KeyboardInterrupt(f"pipeline: stage {stage.name} stopped by SIGTERM; the same command resumes it")
     if child.exitcode != 0 or not result_file.is_file():
@@ -550,6 +537,26 @@ def run_stage_in_process(stage: Stage, cfg: PipelineConfig, stage_dir: Path) -> 
     result = json.loads(result_file.read_text())
     result_file.unlink()
     return result
+
+
+@contextlib.contextmanager
+def _sigterm_passed_to(pid: int) -> Iterator[list[int]]:
+    """While inside, a SIGTERM to this process is sent on to `pid`; yields the list of those received.
+    Signal handlers can only be set from the main thread: elsewhere nothing is passed on."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def pass_on(signum: int, frame: object) -> None:
+        received.append(signum)
+        os.kill(pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stage_child(name: str, cfg: PipelineConfig, stage_dir: str, result_file: str) -> None:

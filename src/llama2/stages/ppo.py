@@ -441,7 +441,8 @@ def score_reward(combined: torch.Tensor, group: int = 1) -> torch.Tensor:
     `group` consecutive rollouts (one prompt's samples) and scaled by the batch std of the centred scores."""
     x = logit(combined.float())
     if group > 1:
-        x = (x.view(-1, group) - x.view(-1, group).mean(1, keepdim=True)).flatten()
+        samples = x.view(-1, group)  # one row per prompt
+        x = (samples - samples.mean(1, keepdim=True)).flatten()
     return whiten(x)
 
 
