@@ -79,6 +79,7 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert all(1 <= f["first_turn"] <= f["turns_failed"] + f["first_turn"] - 1 <= cfg.evaluation.gatt_turns
                for f in saved["gatt"]["failures_with_gatt"])
     assert set(saved["timings"]) == set(names)
+    assert [m["stages"] for m in saved["machines"]] == [list(saved["timings"])]  # every stage, on this machine
     assert all(t["seconds"] > 0 for t in saved["timings"].values())
     text = (tmp_path / "run" / "report.md").read_text()
     assert "paired over the same prompts" in text

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from llama2.config import dump_config, load_config
 from llama2.data.formats import dumps, write_chat
 from llama2.evaluation.safety import ToyEvalSettings
+from llama2.machine import describe_machine, machine_line
 from llama2.stages import gatt, ppo, pretrain, rejection_sampling, reward, safety, sft
 from llama2.stages import safety_scaling as scaling_experiment
 from llama2.stages.artifacts import INSTRUCTION_PHASE, model_dir
@@ -501,6 +502,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             result = {"enabled": False}
         result["seconds"] = time.perf_counter() - start
+        result["machine"] = describe_machine()  # per stage: a resumed run can finish on another machine
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         tmp.replace(done)  # written last and atomically: a stage is either finished or redone
@@ -575,7 +577,10 @@ def summary_screen(report: dict[str, Any]) -> str:
         lines.append("GAtt adherence at the last turn: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()
                                                                       if v is not None))
     total = sum(t["seconds"] for t in report.get("timings", {}).values())
-    lines.append(f"total {total / 60:.1f} min; report: {report.get('report_path', '')}")
+    machines = report.get("machines", [])
+    where = f" on {machine_line(machines[0]['machine'])}" if len(machines) == 1 else \
+        f" on {len(machines)} machines (report.md lists them)" if machines else ""
+    lines.append(f"total {total / 60:.1f} min{where}; report: {report.get('report_path', '')}")
     return "\n".join(lines)
 
 

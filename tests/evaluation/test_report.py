@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama2.evaluation.report import _checks, helpfulness_changes, render_markdown
+from llama2.evaluation.report import _checks, helpfulness_changes, machines_section, render_markdown
 
 
 def _model(helpfulness: float, violation: float, borderline_refusal: float = 0.0) -> dict:
@@ -155,3 +155,19 @@ def test_the_report_spells_out_ppo_by_kind_of_prompt_when_the_run_recorded_it():
     assert ("By the score each kind of prompt is rewarded with: helpfulness RM on helpful prompts 0.433 → 0.432; "
             "safety RM on safety prompts 0.552 → 0.730.") in text
     assert "By the score" not in page(ppo)  # an older run folder's summary
+
+
+def test_timings_name_the_machine_and_a_resumed_run_that_moved_lists_each():
+    intel = {"cpu": "Intel Xeon", "cpu_capability": "AVX512", "native_bf16": True, "cores": 2, "threads": 2,
+             "torch": "2.13.0"}
+    amd = intel | {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "native_bf16": False}
+    results = {"data": {"seconds": 1.0}, "pretrain": {"seconds": 5.0, "machine": intel},
+               "sft": {"seconds": 4.0, "machine": amd}, "evaluation": {"seconds": 2.0, "machine": intel}}
+    machines = machines_section(results)  # a stage folder from before the record has none
+    assert machines == [{"machine": intel, "stages": ["pretrain", "evaluation"]}, {"machine": amd, "stages": ["sft"]}]
+    timings = {name: {"seconds": r["seconds"]} for name, r in results.items()}
+    page = render_markdown({"models": {}, "checks": [], "timings": timings, "machines": machines}, {}, [])
+    assert "- pretrain, evaluation: Intel Xeon (AVX512, native bf16)" in page
+    assert "- sft: AMD EPYC (AVX2, no native bf16)" in page
+    one = render_markdown({"models": {}, "checks": [], "timings": timings, "machines": machines[:1]}, {}, [])
+    assert "On Intel Xeon (AVX512, native bf16), 2 cores, 2 threads, torch 2.13.0." in one

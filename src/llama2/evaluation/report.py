@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
 from llama2.evaluation.scoring import paired_difference  # noqa: E402
+from llama2.machine import machine_line  # noqa: E402
 from llama2.stages.artifacts import INSTRUCTION_PHASE  # noqa: E402
 
 PER_PROMPT = ("examples", "helpfulness_scores")  # kept in the evaluation stage's results, not in report.json
@@ -253,6 +254,20 @@ def _checks(models: dict[str, dict], adherence: dict[str, dict[str, list]], rms:
     return checks
 
 
+def machines_section(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each machine the stages ran on, with those stages in order (stage folders older than the record have
+    none and are left out)."""
+    machines: list[dict[str, Any]] = []
+    for name, r in results.items():
+        if "machine" not in r:
+            continue
+        entry = next((m for m in machines if m["machine"] == r["machine"]), None)
+        if entry is None:
+            machines.append(entry := {"machine": r["machine"], "stages": []})
+        entry["stages"].append(name)
+    return machines
+
+
 def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     evaluation = results.get("evaluation", {})
     models_full = evaluation.get("models", {})
@@ -264,7 +279,8 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     report: dict[str, Any] = {
         "models": models,
         "timings": {name: {"seconds": round(r["seconds"], 1)} for name, r in results.items()},
-        "stages": {name: {k: v for k, v in r.items() if k not in ("models", "adherence")}
+        "machines": machines_section(results),
+        "stages": {name: {k: v for k, v in r.items() if k not in ("models", "adherence", "machine")}
                    for name, r in results.items() if name != "evaluation"},
     }
     if changes:
@@ -465,7 +481,13 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
         for kind, examples in m.get("examples", {}).items():
             for ex in examples[:1]:
                 lines.append(f"- **{name}**, {kind}: *{ex['prompt']}* → {ex['reply']!r}")
-    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines += ["", "## Timings", ""]
+    machines = report.get("machines", [])
+    if len(machines) == 1:
+        lines += [f"On {machine_line(machines[0]['machine'])}.", ""]
+    elif machines:  # a resumed run that moved: its timings add up different machines' seconds
+        lines += [f"- {', '.join(m['stages'])}: {machine_line(m['machine'])}" for m in machines] + [""]
+    lines += ["| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {t['seconds']:.0f} |" for name, t in report["timings"].items()]
     return "\n".join(lines) + "\n"
 
