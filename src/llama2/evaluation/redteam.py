@@ -128,7 +128,7 @@ def red_team(llm: ChatModel, prompts: Sequence[RedTeamPrompt], judge: Judge, thr
                               "model": violation_rates(prompts, violated)}
     base_violated: list[bool] | None = None
     if baseline is not None:
-        _, base_scores, base_violated = attack(baseline, prompts, judge, threshold, settings, "red teaming: baseline")
+        _, _, base_violated = attack(baseline, prompts, judge, threshold, settings, "red teaming: baseline")
         report["baseline"] = violation_rates(prompts, base_violated)
         report["since_baseline"] = fixed_since_baseline(base_violated, violated)
     report["answers"] = [{"prompt": p.messages[-1]["content"], "category": p.category, "vector": p.vector,

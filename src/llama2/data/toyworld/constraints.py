@@ -127,7 +127,6 @@ class ConstraintSet:
             for text in (c.verbose(), c.terse()):
                 patterns.append((text, c))
         patterns.sort(key=lambda p: -len(p[0]))  # longest first: "Format: at most 12 words" before shorter ones
-        self._wordings = patterns
         self._wording_re = re.compile("|".join(re.escape(t) for t, _ in patterns))
         self._by_text = dict(patterns)
 
