@@ -19,7 +19,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.ya
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
+def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, capsys):
     cfg = pipeline.load_pipeline_config(str(SMOKE), str(tmp_path / "run"), [])
 
     def interrupted(cfg, out):
@@ -37,8 +37,12 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
 
     ran = []
     monkeypatch.setattr(pipeline, "STAGES", [pipeline.Stage(s.name, _recording(s, ran)) for s in stages])
+    capsys.readouterr()
     report = pipeline.run_pipeline(cfg)
     assert ran == names[len(before) :]  # finished stages were skipped
+    log = capsys.readouterr().err  # each stage numbered, skipped or timed
+    assert f"pipeline: [1/{len(names)}] data already done" in log
+    assert f"pipeline: [{len(names)}/{len(names)}] evaluation done in " in log
     assert {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")
             if p.parent.name in finished} == finished
 

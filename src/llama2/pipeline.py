@@ -483,20 +483,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(dump_config(cfg, header="llama2 pipeline --preset THIS_FILE"))
     random.seed(cfg.data.seed)
+    print(f"pipeline: {out} on {machine_line(describe_machine())}", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
+    for number, stage in enumerate(STAGES, 1):
         stage_dir = out / stage.name
         done = stage_dir / "stage.json"
         on = stage.enabled is None or stage.enabled(cfg)
         if done.is_file() and not (on and json.loads(done.read_text()).get("enabled") is False):
             results[stage.name] = json.loads(done.read_text())
-            print(f"pipeline: {stage.name} already done ({results[stage.name]['seconds']:.0f}s), skipped",
-                  file=sys.stderr)
+            print(f"pipeline: [{number}/{len(STAGES)}] {stage.name} already done "
+                  f"({results[stage.name]['seconds']:.0f}s), skipped", file=sys.stderr)
             continue
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         if on:
-            print(f"pipeline: {stage.name} ...", file=sys.stderr)
+            print(f"pipeline: [{number}/{len(STAGES)}] {stage.name} ...", file=sys.stderr)
             result = run_stage_in_process(stage, cfg, stage_dir) if cfg.stage_processes else stage.run(cfg, stage_dir)
             result |= {} if stage.enabled is None else {"enabled": True}
         else:
@@ -507,6 +508,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         tmp.replace(done)  # written last and atomically: a stage is either finished or redone
         results[stage.name] = result
+        if on:
+            elapsed = sum(r["seconds"] for r in results.values())
+            print(f"pipeline: [{number}/{len(STAGES)}] {stage.name} done in {result['seconds']:.0f}s "
+                  f"({elapsed / 60:.1f} min for the stages so far)", file=sys.stderr)
     report = write_report(out, results)
     print(summary_screen(report), file=sys.stderr)
     return report
