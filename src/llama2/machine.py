@@ -1,9 +1,9 @@
 """What a run ran on: the CPU (and GPU), its vector extensions, cores, threads and torch version.
 
-Timings mean little without it. The demo model pretrained at 11,100 tokens/s on a 2-core Intel Xeon with AMX
-(bf16) and at 2,870 on a 2-core AMD EPYC with AVX2 only (fp32; bf16 there ran at 230). Both are "a 2-core x86
-VM", so the report records the vector extensions too, and per stage, since a resumed pipeline can finish on
-another machine.
+Timings mean little without it. The demo preset pretrained at 11,100 tokens/s on a 2-core Intel Xeon with AMX
+(bf16 autocast) and at 3,670 on a 2-core AMD EPYC with AVX2 only (fp32: bf16 autocast trained 12x slower than
+fp32 there), and took 26.8 and 60.0 minutes. Both are "a 2-core x86 VM", so the report records the vector
+extensions too, and per stage, since a resumed pipeline can finish on another machine.
 """
 
 from __future__ import annotations
