@@ -483,7 +483,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(dump_config(cfg, header="llama2 pipeline --preset THIS_FILE"))
     random.seed(cfg.data.seed)
-    print(f"pipeline: {out} on {machine_line(describe_machine())}", file=sys.stderr)
+    machine = describe_machine()  # once: the stages run here, in this process or in children of it
+    print(f"pipeline: {out} on {machine_line(machine)}", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     for number, stage in enumerate(STAGES, 1):
         stage_dir = out / stage.name
@@ -503,7 +504,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             result = {"enabled": False}
         result["seconds"] = time.perf_counter() - start
-        result["machine"] = describe_machine()  # per stage: a resumed run can finish on another machine
+        result["machine"] = machine  # per stage: a resumed run can finish on another machine
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         tmp.replace(done)  # written last and atomically: a stage is either finished or redone
@@ -582,9 +583,11 @@ def summary_screen(report: dict[str, Any]) -> str:
         lines.append("GAtt adherence at the last turn: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()
                                                                       if v is not None))
     total = sum(t["seconds"] for t in report.get("timings", {}).values())
-    machines = report.get("machines", [])
-    where = f" on {machine_line(machines[0]['machine'])}" if len(machines) == 1 else \
-        f" on {len(machines)} machines (report.md lists them)" if machines else ""
+    machines, where = report.get("machines", []), ""
+    if len(machines) == 1:
+        where = f" on {machine_line(machines[0]['machine'])}"
+    elif machines:
+        where = f" on {len(machines)} machines (report.md lists them)"
     lines.append(f"total {total / 60:.1f} min{where}; report: {report.get('report_path', '')}")
     return "\n".join(lines)
 
