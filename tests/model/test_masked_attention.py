@@ -55,3 +55,46 @@ def test_a_mask_shared_by_the_batch_and_an_arbitrary_pattern_match_dense_attenti
     q, k, v = (torch.randn(3, 2, seqlen, 8, generator=generator) for _ in range(3))
     torch.testing.assert_close(masked_attention(q, k, v, mask),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_code_keeps_the_tiles_and_matches_dense_attention_and_its_gradients():
+    # the compiled training blocks call it inside a full graph: the tiles are one custom operator there
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, kv_heads, seqlen, head_dim = 2, 4, 2, 3 * QUERY_TILE + 7, 8
+    mask = block_causal_mask(random_docs(batch, seqlen, generator))
+    # (B, T, H, hd) transposed, as the model hands them over
+    q, k, v = (torch.randn(batch, seqlen, h, head_dim, generator=generator).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    weights = torch.randn(batch, heads, seqlen, head_dim, generator=generator)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+
+    targets = []
+
+    def backend(graph_module, example_inputs):
+        targets.extend(node.target for node in graph_module.graph.nodes)
+        return graph_module
+
+    compiled = torch.compile(lambda *a: masked_attention(*a, enable_gqa=True), fullgraph=True, backend=backend)
+    tiled = compiled(q, k, v, mask)
+    assert torch.ops.llama2.tiled_attention.default in targets
+    tiled_grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
+
+    torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-5)
+    for got, want in zip(tiled_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_matches_dense_attention_at_bf16_precision():
+    generator = torch.Generator().manual_seed(4)
+    mask = block_causal_mask(random_docs(2, 2 * QUERY_TILE + 9, generator))
+    q, k, v = (torch.randn(2, 2, mask.shape[-1], 8, generator=generator).bfloat16().requires_grad_()
+               for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    tiled = masked_attention(q, k, v, mask)
+    assert tiled.dtype == torch.bfloat16
+    torch.testing.assert_close(tiled, dense, atol=2e-2, rtol=2e-2)
+    for got, want in zip(torch.autograd.grad(tiled.sum(), (q, k, v)), torch.autograd.grad(dense.sum(), (q, k, v)),
+                         strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
