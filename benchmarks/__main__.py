@@ -11,7 +11,7 @@ import time
 
 from benchmarks.common import machine, markdown_table
 
-BENCHMARKS = ["foundation_cpu", "pretrain_cpu", "multiturn_cpu", "serving_load", "serving_chat"]
+BENCHMARKS = ["foundation_cpu", "pretrain_cpu", "packed_attention_cpu", "multiturn_cpu", "serving_load", "serving_chat"]
 
 
 def main(names: list[str]) -> int:

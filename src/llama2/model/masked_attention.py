@@ -2,16 +2,20 @@
 
 Packed SFT and GAtt windows attend block-diagonally: a 512-token demo SFT window holds about 7 dialogs of
 ~74 tokens, so most of its T×T mask is False. PyTorch's CPU flash kernel skips nothing when it is given a
-mask: it computes every score of the window. Here each tile of queries of each row attends only to the span
-of keys its queries may see (from the start of the earliest dialog in the tile), through the same flash
-kernel, forward and backward, so the result is that attention tile by tile.
+mask: it computes every score of the window. Here each tile of 128 queries attends only to the span of keys
+that its queries may see in any row of the batch (from the start of the earliest dialog in the tile), through
+the same flash kernel, forward and backward, so the result is that attention tile by tile.
 
 It is a custom operator (`llama2::tiled_attention`, with its backward as another) so that `torch.compile`
 keeps it whole: the compiled training blocks of SFT, GAtt and the later fine-tunes used to take the single
-dense call, since the tiles' spans are read from the mask on the host. On the demo model (8 windows × 512
-tokens of dialogs, fp32, 2-core AMD EPYC with AVX2 only) one layer's attention forward and backward took 73 ms
-dense and 32 ms in tiles, and a compiled SFT micro-batch 0.92, 0.98 and 1.02 s before against 0.87, 0.89 and
-0.90 s after (three runs each, alternated).
+dense call, since the tiles' spans are read from the mask on the host. Measured on the 2-core AMD EPYC with
+AVX2 only, demo model, fp32, the same micro-batches alternated in one process (16-28 of them): one layer's
+attention forward and backward over 8 windows × 512 tokens took 73 ms dense and 32 ms in tiles; a compiled SFT
+micro-batch (8 × 512 tokens of demo dialogs) 1.13-1.19 s against 0.98-1.07 s (median ratio 1.11-1.17), and a
+compiled GAtt one (4 × 1024, one 20-turn dialog a window) 1.79 s against 1.42 s (1.25); on synthetic windows
+`python -m benchmarks.packed_attention_cpu` reads 1.28 and 1.24. Eager calls (the
+reward models' pair rows) run about 4% slower than the list of SDPA calls this replaced (21.8 s against 20.9 s
+for 30 steps), which the operator's own bookkeeping costs.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def key_spans(mask: torch.Tensor, tile: int = QUERY_TILE) -> list[tuple[int, int
     with no allowed key keeps the whole range, so fully masked queries come out as the dense call gives them.
     One span for the whole batch: with a span per row the kernel calls multiplied and their overhead ate the
     gain (43 ms against 32 for a layer's forward and backward, same demo windows)."""
+    seqlen = mask.shape[-2]
+    return [(t * tile, min(seqlen, (t + 1) * tile), lo, hi)
+            for t, (lo, hi) in enumerate(_key_ranges(mask, tile).tolist())]
+
+
+def _key_ranges(mask: torch.Tensor, tile: int = QUERY_TILE) -> torch.Tensor:
+    """(tiles, 2) int64: each tile's key start and end (see `key_spans`)."""
     seqlen, keys = mask.shape[-2:]
     tiles = math.ceil(seqlen / tile)
     padded = F.pad(mask.reshape(-1, seqlen, keys).any(dim=0), (0, 0, 0, tiles * tile - seqlen))
@@ -41,42 +52,46 @@ def key_spans(mask: torch.Tensor, tile: int = QUERY_TILE) -> list[tuple[int, int
     found = allowed.any(dim=-1)
     lo = torch.where(found, allowed.int().argmax(dim=-1), 0)
     hi = torch.where(found, keys - allowed.flip(-1).int().argmax(dim=-1), keys)
-    return [(t * tile, min(seqlen, (t + 1) * tile), a, b)
-            for t, (a, b) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True))]
+    return torch.stack([lo, hi], dim=1)
 
 
-def _tiles(mask: torch.Tensor, dtype: torch.dtype):
+def _tiles(mask: torch.Tensor, ranges: torch.Tensor, dtype: torch.dtype):
     """Each tile's (queries, keys, additive mask in `dtype`) for a boolean mask (B or 1, 1, T, S)."""
-    for start, end, lo, hi in key_spans(mask):
-        allowed = mask[..., start:end, lo:hi]
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        yield slice(start, end), slice(lo, hi), bias
+    for t, (lo, hi) in enumerate(ranges.tolist()):
+        queries = slice(t * QUERY_TILE, (t + 1) * QUERY_TILE)
+        allowed = mask[..., queries, lo:hi]
+        bias = torch.full(allowed.shape, float("-inf"), dtype=dtype).masked_fill_(allowed, 0.0)
+        yield queries, slice(lo, hi), bias
 
 
 @torch.library.custom_op("llama2::tiled_attention", mutates_args=(), device_types="cpu")
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention, its log-sum-exp per query, and the tiles' key ranges, which the backward reuses."""
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32)
-    for queries, span, bias in _tiles(mask, q.dtype):
+    ranges = _key_ranges(mask)
+    for queries, span, bias in _tiles(mask, ranges, q.dtype):
         out[:, :, queries], lse[:, :, queries] = _flash(
             q[:, :, queries], k[:, :, span], v[:, :, span], attn_mask=bias, scale=scale)
-    return out, lse
+    return out, lse, ranges
 
 
 @_tiled_attention.register_fake
 def _(q, k, v, mask, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    tiles = math.ceil(q.shape[2] / QUERY_TILE)
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            q.new_empty((tiles, 2), dtype=torch.long))
 
 
 @torch.library.custom_op("llama2::tiled_attention_backward", mutates_args=(), device_types="cpu")
 def _tiled_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.zeros(k.shape, dtype=torch.float32)  # a key in several tiles' spans sums their gradients
     dv = torch.zeros(v.shape, dtype=torch.float32)
-    for queries, span, bias in _tiles(mask, q.dtype):
+    for queries, span, bias in _tiles(mask, ranges, q.dtype):
         gq, gk, gv = _flash_backward(
             grad[:, :, queries].contiguous(), q[:, :, queries], k[:, :, span], v[:, :, span],
             out[:, :, queries], lse[:, :, queries], 0.0, False, attn_mask=bias, scale=scale)
@@ -87,7 +102,7 @@ def _tiled_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @_tiled_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, mask, scale):
+def _(grad, q, k, v, out, lse, mask, ranges, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -96,9 +111,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, mask, *output)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    return (*_tiled_attention_backward(grad_out, q, k, v, out, lse, mask, ctx.scale), None, None)
+def _backward(ctx, grad_out, _grad_lse, _grad_ranges):
+    q, k, v, mask, out, lse, ranges = ctx.saved_tensors
+    return (*_tiled_attention_backward(grad_out, q, k, v, out, lse, mask, ranges, ctx.scale), None, None)
 
 
 _tiled_attention.register_autograd(_backward, setup_context=_setup_context)
