@@ -64,6 +64,9 @@ def _tiles(mask: torch.Tensor, ranges: torch.Tensor, dtype: torch.dtype):
         yield queries, slice(lo, hi), bias
 
 
+# A change to either operator's arguments needs a new operator name: Inductor's on-disk graph cache keys a
+# compiled graph by the graph, not by the schemas of the custom operators it calls, and a stale entry calls
+# the old signature.
 @torch.library.custom_op("llama2::tiled_attention", mutates_args=(), device_types="cpu")
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
