@@ -13,9 +13,9 @@ AVX2 only, demo model, fp32, the same micro-batches alternated in one process (1
 attention forward and backward over 8 windows × 512 tokens took 73 ms dense and 32 ms in tiles; a compiled SFT
 micro-batch (8 × 512 tokens of demo dialogs) 1.13-1.19 s against 0.98-1.07 s (median ratio 1.11-1.17), and a
 compiled GAtt one (4 × 1024, one 20-turn dialog a window) 1.79 s against 1.42 s (1.25); on synthetic windows
-`python -m benchmarks.packed_attention_cpu` reads 1.28 and 1.24. Eager calls (the
-reward models' pair rows) run about 4% slower than the list of SDPA calls this replaced (21.8 s against 20.9 s
-for 30 steps), which the operator's own bookkeeping costs.
+`python -m benchmarks.packed_attention_cpu` reads 1.15-1.28 and 1.18-1.24 (three runs). Eager calls (the
+reward models' pair rows) run 1.7-4.4% slower than the list of SDPA calls this replaced (three runs of 30
+steps), which the operator's own bookkeeping costs.
 """
 
 from __future__ import annotations
@@ -57,11 +57,10 @@ def _key_ranges(mask: torch.Tensor, tile: int = QUERY_TILE) -> torch.Tensor:
 
 def _tiles(mask: torch.Tensor, ranges: torch.Tensor, dtype: torch.dtype):
     """Each tile's (queries, keys, additive mask in `dtype`) for a boolean mask (B or 1, 1, T, S)."""
+    zero, minus_inf = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
     for t, (lo, hi) in enumerate(ranges.tolist()):
         queries = slice(t * QUERY_TILE, (t + 1) * QUERY_TILE)
-        allowed = mask[..., queries, lo:hi]
-        bias = torch.full(allowed.shape, float("-inf"), dtype=dtype).masked_fill_(allowed, 0.0)
-        yield queries, slice(lo, hi), bias
+        yield queries, slice(lo, hi), torch.where(mask[..., queries, lo:hi], zero, minus_inf)
 
 
 # A change to either operator's arguments needs a new operator name: Inductor's on-disk graph cache keys a
