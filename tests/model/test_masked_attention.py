@@ -15,6 +15,17 @@ def random_docs(batch: int, seqlen: int, generator: torch.Generator) -> torch.Te
     return starts.cumsum(dim=1)
 
 
+def assert_matches_dense_attention_and_its_gradients(attend, q, k, v, mask, weights):
+    """`attend(q, k, v, mask)` against GQA-enabled dense SDPA: outputs and the gradients of a weighted sum."""
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+    tiled = attend(q, k, v, mask)
+    tiled_grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
+    torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-5)
+    for got, want in zip(tiled_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_key_spans_are_the_narrowest_ranges_holding_every_allowed_key():
     generator = torch.Generator().manual_seed(0)
     mask = block_causal_mask(random_docs(3, 3 * QUERY_TILE + 17, generator))
@@ -36,15 +47,8 @@ def test_matches_dense_attention_and_its_gradients_on_packed_windows():
     k = torch.randn(batch, kv_heads, seqlen, head_dim, generator=generator, requires_grad=True)
     v = torch.randn(batch, kv_heads, seqlen, head_dim, generator=generator, requires_grad=True)
     weights = torch.randn(batch, heads, seqlen, head_dim, generator=generator)
-
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    dense_grads = torch.autograd.grad((dense * weights).sum(), (q, k, v))
-    tiled = masked_attention(q, k, v, mask, enable_gqa=True)
-    tiled_grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
-
-    torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-5)
-    for got, want in zip(tiled_grads, dense_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_matches_dense_attention_and_its_gradients(
+        lambda *a: masked_attention(*a, enable_gqa=True), q, k, v, mask, weights)
 
 
 def test_a_mask_shared_by_the_batch_and_an_arbitrary_pattern_match_dense_attention():
@@ -66,9 +70,6 @@ def test_compiled_code_keeps_the_tiles_and_matches_dense_attention_and_its_gradi
     q, k, v = (torch.randn(batch, seqlen, h, head_dim, generator=generator).transpose(1, 2).requires_grad_()
                for h in (heads, kv_heads, kv_heads))
     weights = torch.randn(batch, heads, seqlen, head_dim, generator=generator)
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    dense_grads = torch.autograd.grad((dense * weights).sum(), (q, k, v))
-
     targets = []
 
     def backend(graph_module, example_inputs):
@@ -76,13 +77,8 @@ def test_compiled_code_keeps_the_tiles_and_matches_dense_attention_and_its_gradi
         return graph_module
 
     compiled = torch.compile(lambda *a: masked_attention(*a, enable_gqa=True), fullgraph=True, backend=backend)
-    tiled = compiled(q, k, v, mask)
+    assert_matches_dense_attention_and_its_gradients(compiled, q, k, v, mask, weights)
     assert torch.ops.llama2.tiled_attention.default in targets
-    tiled_grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
-
-    torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-5)
-    for got, want in zip(tiled_grads, dense_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_matches_dense_attention_at_bf16_precision():

@@ -38,13 +38,6 @@ def key_spans(mask: torch.Tensor, tile: int = QUERY_TILE) -> list[tuple[int, int
     with no allowed key keeps the whole range, so fully masked queries come out as the dense call gives them.
     One span for the whole batch: with a span per row the kernel calls multiplied and their overhead ate the
     gain (43 ms against 32 for a layer's forward and backward, same demo windows)."""
-    seqlen = mask.shape[-2]
-    return [(t * tile, min(seqlen, (t + 1) * tile), lo, hi)
-            for t, (lo, hi) in enumerate(_key_ranges(mask, tile).tolist())]
-
-
-def _key_ranges(mask: torch.Tensor, tile: int = QUERY_TILE) -> torch.Tensor:
-    """(tiles, 2) int64: each tile's key start and end (see `key_spans`)."""
     seqlen, keys = mask.shape[-2:]
     tiles = math.ceil(seqlen / tile)
     padded = F.pad(mask.reshape(-1, seqlen, keys).any(dim=0), (0, 0, 0, tiles * tile - seqlen))
@@ -52,15 +45,15 @@ def _key_ranges(mask: torch.Tensor, tile: int = QUERY_TILE) -> torch.Tensor:
     found = allowed.any(dim=-1)
     lo = torch.where(found, allowed.int().argmax(dim=-1), 0)
     hi = torch.where(found, keys - allowed.flip(-1).int().argmax(dim=-1), keys)
-    return torch.stack([lo, hi], dim=1)
+    return [(t * tile, min(seqlen, (t + 1) * tile), a, b)
+            for t, (a, b) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True))]
 
 
-def _tiles(mask: torch.Tensor, ranges: torch.Tensor, dtype: torch.dtype):
-    """Each tile's (queries, keys, additive mask in `dtype`) for a boolean mask (B or 1, 1, T, S)."""
+def _tiles(mask: torch.Tensor, spans: list[list[int]], dtype: torch.dtype):
+    """Each span's (queries, keys, additive mask in `dtype`) for a boolean mask (B or 1, 1, T, S)."""
     zero, minus_inf = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
-    for t, (lo, hi) in enumerate(ranges.tolist()):
-        queries = slice(t * QUERY_TILE, (t + 1) * QUERY_TILE)
-        yield queries, slice(lo, hi), torch.where(mask[..., queries, lo:hi], zero, minus_inf)
+    for start, end, lo, hi in spans:
+        yield slice(start, end), slice(lo, hi), torch.where(mask[..., start:end, lo:hi], zero, minus_inf)
 
 
 # A change to either operator's arguments needs a new operator name: Inductor's on-disk graph cache keys a
@@ -69,31 +62,32 @@ def _tiles(mask: torch.Tensor, ranges: torch.Tensor, dtype: torch.dtype):
 @torch.library.custom_op("llama2::tiled_attention", mutates_args=(), device_types="cpu")
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention, its log-sum-exp per query, and the tiles' key ranges, which the backward reuses."""
+    """The attention, its log-sum-exp per query, and the tiles' spans (`key_spans`, (tiles, 4)), which the
+    backward reuses."""
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32)
-    ranges = _key_ranges(mask)
-    for queries, span, bias in _tiles(mask, ranges, q.dtype):
+    spans = key_spans(mask)
+    for queries, span, bias in _tiles(mask, spans, q.dtype):
         out[:, :, queries], lse[:, :, queries] = _flash(
             q[:, :, queries], k[:, :, span], v[:, :, span], attn_mask=bias, scale=scale)
-    return out, lse, ranges
+    return out, lse, torch.tensor(spans, dtype=torch.long)
 
 
 @_tiled_attention.register_fake
 def _(q, k, v, mask, scale):
     tiles = math.ceil(q.shape[2] / QUERY_TILE)
     return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
-            q.new_empty((tiles, 2), dtype=torch.long))
+            q.new_empty((tiles, 4), dtype=torch.long))
 
 
 @torch.library.custom_op("llama2::tiled_attention_backward", mutates_args=(), device_types="cpu")
 def _tiled_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor, spans: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.zeros(k.shape, dtype=torch.float32)  # a key in several tiles' spans sums their gradients
     dv = torch.zeros(v.shape, dtype=torch.float32)
-    for queries, span, bias in _tiles(mask, ranges, q.dtype):
+    for queries, span, bias in _tiles(mask, spans.tolist(), q.dtype):
         gq, gk, gv = _flash_backward(
             grad[:, :, queries].contiguous(), q[:, :, queries], k[:, :, span], v[:, :, span],
             out[:, :, queries], lse[:, :, queries], 0.0, False, attn_mask=bias, scale=scale)
@@ -104,7 +98,7 @@ def _tiled_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @_tiled_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, mask, ranges, scale):
+def _(grad, q, k, v, out, lse, mask, spans, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -113,9 +107,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, mask, *output)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_ranges):
-    q, k, v, mask, out, lse, ranges = ctx.saved_tensors
-    return (*_tiled_attention_backward(grad_out, q, k, v, out, lse, mask, ranges, ctx.scale), None, None)
+def _backward(ctx, grad_out, _grad_lse, _grad_spans):
+    q, k, v, mask, out, lse, spans = ctx.saved_tensors
+    return (*_tiled_attention_backward(grad_out, q, k, v, out, lse, mask, spans, ctx.scale), None, None)
 
 
 _tiled_attention.register_autograd(_backward, setup_context=_setup_context)
