@@ -115,3 +115,37 @@ def test_separate_validation_files(tmp_path, pretrain_data):
     result = pretrain.run(load_config(pretrain.Config, SMOKE, sets))
     assert result.val_loss is not None and math.isfinite(result.val_loss)
     assert len(list((out / "token_cache").glob("tokens-*.bin"))) == 2
+
+
+def test_document_mask_trains_each_document_as_if_alone(tmp_path, pretrain_data):
+    """With `data.document_mask`, a window's loss is the sum of its documents' losses, each scored alone."""
+    from llama2.data.packing import build_token_file, collate_windows, split_windows
+    from llama2.model.args import ModelArgs
+    from llama2.tokenizer.tokenizer import Tokenizer
+    from llama2.training.losses import packed_chat_loss
+
+    corpus, tok_path = pretrain_data
+    tok = Tokenizer(tok_path)
+    stream = build_token_file([corpus], tok, tmp_path / "cache").open()
+    train, _ = split_windows(stream, seq_len=96, val_fraction=0.1)
+    batch = collate_windows([train[0]], bos_id=tok.bos_id)
+    tokens, labels, doc_ids = batch["tokens"][0], batch["labels"][0], batch["doc_ids"][0]
+    starts = (tokens == tok.bos_id).nonzero().flatten().tolist()
+    assert starts[0] == 0 and len(starts) >= 3  # the stream's first window opens a document; several follow
+    assert doc_ids.tolist() == [sum(s <= t for s in starts) for t in range(96)]
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                                  max_seq_len=96, init_std=0.3))  # attention far from uniform
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        loss, _ = packed_chat_loss(model, batch)
+        alone = sum(torch.nn.functional.cross_entropy(model(tokens[None, s:e])[0], labels[s:e], reduction="sum")
+                    for s, e in zip(starts, [*starts[1:], 96], strict=True))
+        plain = model(batch["tokens"], targets=batch["labels"])
+    torch.testing.assert_close(loss * 96, alone, rtol=1e-5, atol=1e-4)
+    assert not torch.isclose(plain, loss)  # without the mask, later documents see earlier ones
+
+    out = tmp_path / "run"  # the stage trains through it
+    sets = overrides(pretrain_data, out, steps=6) + ["data.document_mask=true"]
+    pretrain.run(load_config(pretrain.Config, SMOKE, sets))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 6 and losses[-1] < losses[0]

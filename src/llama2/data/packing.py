@@ -162,7 +162,12 @@ def split_windows(tokens: np.ndarray, seq_len: int, val_fraction: float) -> tupl
     return PackedWindows(tokens, seq_len, 0, n - n_val), PackedWindows(tokens, seq_len, n - n_val, n_val)
 
 
-def collate_windows(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """`{"tokens": (B, L), "labels": (B, L)}` with labels the next token of every input position."""
+def collate_windows(windows: list[np.ndarray], bos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """`{"tokens": (B, L), "labels": (B, L)}` with labels the next token of every input position. With
+    `bos_id`, also `"doc_ids"` (B, L): which document of the window each position belongs to, counted from
+    the BOS that opens each one (positions before the window's first BOS finish a document begun earlier)."""
     batch = torch.from_numpy(np.stack(windows))  # (B, L + 1)
-    return {"tokens": batch[:, :-1], "labels": batch[:, 1:]}
+    tokens = batch[:, :-1]
+    if bos_id is None:
+        return {"tokens": tokens, "labels": batch[:, 1:]}
+    return {"tokens": tokens, "labels": batch[:, 1:], "doc_ids": torch.cumsum(tokens == bos_id, dim=1)}

@@ -20,7 +20,7 @@ from llama2.model.transformer import Transformer
 from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.loop import TrainConfig, Trainer, TrainResult
-from llama2.training.losses import causal_lm_loss
+from llama2.training.losses import causal_lm_loss, packed_chat_loss
 from llama2.training.parallel import DistEnv, broadcast_object, distributed_run
 
 
@@ -66,6 +66,13 @@ class DataConfig:
     """Where the tokenized stream is cached (None: `<out_dir>/token_cache`)."""
     seed: int = 0
     """Seed of the window order (each epoch reshuffles from (seed, epoch))."""
+    document_mask: bool = False
+    """Each document attends only to itself within its window (a block-diagonal causal mask cut at every BOS)
+    instead of to the whole window (False: plain causal attention, as llama-recipes and most pretraining
+    code pack text). SPEC is silent on it; Llama 3 masks documents. On a CPU the tiled masked attention then
+    skips what other documents would add: the demo's compiled step (4 × 1024 tokens of the toy corpus, whose
+    documents average 68 tokens) ran 1.27× faster on the 2-core AVX2 EPYC. A GPU takes one masked SDPA call,
+    slower than the causal kernel."""
 
 
 @dataclass
@@ -93,11 +100,12 @@ def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
     else:
         train_set, val_set = split_windows(token_file.open(), seq_len, cfg.data.val_fraction)
     t = cfg.train
-    batches = ShuffledBatches(train_set, collate_windows, t.micro_batch_size, t.global_batch_size,
+    collate = partial(collate_windows, bos_id=tokenizer.bos_id) if cfg.data.document_mask else collate_windows
+    batches = ShuffledBatches(train_set, collate, t.micro_batch_size, t.global_batch_size,
                               env.rank, env.world_size, cfg.data.seed)
     val = None
     if len(val_set) >= t.micro_batch_size * env.world_size:
-        val = partial(sequential_batches, val_set, collate_windows, t.micro_batch_size, env.rank, env.world_size)
+        val = partial(sequential_batches, val_set, collate, t.micro_batch_size, env.rank, env.world_size)
     return token_file, batches, val
 
 
@@ -115,7 +123,7 @@ def run(cfg: Config) -> TrainResult:
         model.init_weights(cfg.model.init_seed)
         resolved = replace(cfg, model=replace(cfg.model, max_seq_len=args.max_seq_len))
         trainer = Trainer(
-            model, batches, causal_lm_loss, cfg.train, cfg.out_dir, env,
+            model, batches, packed_chat_loss if cfg.data.document_mask else causal_lm_loss, cfg.train, cfg.out_dir, env,
             val_batches=val,
             export=hf_exporter(args, tokenizer.model_path),
             config_yaml=dump_config(resolved, header="resolved config; rerun with: llama2 pretrain --config THIS_FILE"),

@@ -46,10 +46,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 def packed_chat_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], block_diagonal: bool = True
 ) -> tuple[torch.Tensor, Metrics]:
-    """SFT/GAtt `LossFn` on packed dialogs: batch `{"tokens", "labels", "doc_ids"}`, each (B, T).
+    """`LossFn` on windows of packed documents (SFT/GAtt dialogs, or pretraining text with
+    `document_mask`): batch `{"tokens", "labels", "doc_ids"}`, each (B, T).
 
-    With `block_diagonal`, each packed dialog attends only to itself (as it will at inference); otherwise
-    the window is one causal sequence, as in llama-recipes' packing.
+    With `block_diagonal`, each packed document attends only to itself (as a dialog will at inference);
+    otherwise the window is one causal sequence, as in llama-recipes' packing.
     """
     tokens, labels, doc_ids = batch["tokens"], batch["labels"], batch["doc_ids"]
     mask = None
