@@ -10,6 +10,10 @@ micro-batches alternately so that a CPU whose speed drifts by the minute slows b
 are drawn like the demo's: SFT dialogs of 20-130 tokens (mean ~75) in 8 windows of 512; GAtt's 20-turn
 dialogs of 700-1000 tokens in 4 windows of 1024 (the last dialog of a window cut at its end). The speedup is
 the median over micro-batches of the dense time over the tiled one.
+
+A third row times pretraining with `data.document_mask` (each packed document attends only to itself, through
+the tiles) against plain causal attention over the whole window (PyTorch's causal flash kernel), on windows of
+documents of 20-120 tokens (the toy corpus's average 68).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import llama2.model.transformer as transformer
 from benchmarks.common import machine, markdown_table
 from llama2 import ModelArgs, Transformer
 from llama2.model.masked_attention import masked_attention
-from llama2.training.losses import packed_chat_loss
+from llama2.training.losses import causal_lm_loss, packed_chat_loss
 from llama2.training.parallel import apply_compile
 
 STEPS = 12
@@ -67,14 +71,8 @@ def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list
         loss.backward()
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {impl: [] for impl in attention}
     try:
-        for impl in attention:  # compile, warm up
-            for batch in batches[:2]:
-                step(impl, batch)
-        for i, batch in enumerate(batches[2:]):
-            for impl in (("tiles", "dense") if i % 2 else ("dense", "tiles")):
-                times[impl].append(step(impl, batch))
+        times = _alternate(step, ("tiles", "dense"), batches)
     finally:
         transformer.masked_attention = masked_attention
     tokens = rows * width
@@ -83,11 +81,56 @@ def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list
              "speedup": ratio if impl == "tiles" else 1.0} for impl in ("tiles", "dense")]
 
 
+def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
+    """Pretraining's `data.document_mask` against plain causal attention over the same windows: each
+    document attending only to itself, through the tiles, against the causal flash kernel over the window."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(STEPS + 2):
+        batch = _windows(rows, width, lengths, generator)
+        batch["labels"] = batch["tokens"].roll(-1, dims=1)
+        batches.append(batch)
+    losses = {"documents": packed_chat_loss, "causal": lambda model, batch: causal_lm_loss(
+        model, {"tokens": batch["tokens"], "labels": batch["labels"]})}
+    models = {}
+    for impl in losses:
+        model = Transformer(ModelArgs.from_preset("toy-demo"))
+        model.init_weights(seed=0)
+        apply_compile(model)
+        models[impl] = model.train()
+
+    def step(impl: str, batch: dict) -> float:
+        start = time.perf_counter()
+        loss, _ = losses[impl](models[impl], batch)
+        loss.backward()
+        return time.perf_counter() - start
+
+    times = _alternate(step, ("documents", "causal"), batches)
+    tokens = rows * width
+    ratio = statistics.median(c / d for c, d in zip(times["causal"], times["documents"], strict=True))
+    return [{"benchmark": name, "impl": impl, "tokens/s": tokens / statistics.median(times[impl]),
+             "speedup": ratio if impl == "documents" else 1.0} for impl in ("documents", "causal")]
+
+
+def _alternate(step, impls: tuple[str, str], batches: list[dict]) -> dict[str, list[float]]:
+    """Two warm-up micro-batches each (compiling), then every micro-batch through both, in alternating order."""
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for impl in impls:
+        for batch in batches[:2]:
+            step(impl, batch)
+    for i, batch in enumerate(batches[2:]):
+        for impl in (impls if i % 2 else impls[::-1]):
+            times[impl].append(step(impl, batch))
+    return times
+
+
 def run() -> list[dict]:
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     return (_compare("SFT micro-batch, 8 x 512, dialogs of 20-130 tokens", 8, 512, (20, 131))
-            + _compare("GAtt micro-batch, 4 x 1024, dialogs of 700-1000 tokens", 4, 1024, (700, 1001)))
+            + _compare("GAtt micro-batch, 4 x 1024, dialogs of 700-1000 tokens", 4, 1024, (700, 1001))
+            + _compare_pretraining("pretraining micro-batch, 4 x 1024, documents of 20-120 tokens: document mask "
+                                   "vs causal", 4, 1024, (20, 121)))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,19 @@ def test_two_processes_match_one_and_checkpoints_resume_across_world_sizes(tmp_p
         weights = final_weights(run)
         for name, tensor in reference.items():
             torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_blocks_take_a_second_sequence_length():
+    """Blocks compiled for one length are recompiled with a dynamic length for the next; causal attention must
+    not hang on a test of that symbolic length (SDPA refuses a SymBool `is_causal`)."""
+    from llama2 import ModelArgs, Transformer
+    from llama2.training.parallel import apply_compile
+
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64))
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = [model(tokens[:, :n]) for n in (8, 16)]
+        apply_compile(model)
+        for n, expected in zip((8, 16), eager, strict=True):
+            torch.testing.assert_close(model(tokens[:, :n]), expected, rtol=1e-4, atol=1e-4)

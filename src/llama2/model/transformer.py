@@ -74,7 +74,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        is_causal = mask is None and seqlen > 1
+        # Without a cache queries and keys are the same positions, so causal is right at any length (one token
+        # included); a test of `seqlen` here would be a SymBool, which SDPA refuses, once blocks compiled for
+        # one length are called with another (dynamic shapes).
+        is_causal = mask is None
         if isinstance(start_pos, torch.Tensor):
             # Static-shape decoding (CUDA-graph friendly): write at tensor positions, attend over the whole
             # cache with everything after the current position masked out.
