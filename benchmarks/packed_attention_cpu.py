@@ -57,12 +57,8 @@ def _windows(rows: int, width: int, lengths: tuple[int, int], generator: torch.G
 def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     batches = [_windows(rows, width, lengths, generator) for _ in range(STEPS + 2)]
-    models, attention = {}, {"tiles": masked_attention, "dense": _dense}
-    for impl in attention:
-        model = Transformer(ModelArgs.from_preset("toy-demo"))
-        model.init_weights(seed=0)
-        apply_compile(model)
-        models[impl] = model.train()
+    attention = {"tiles": masked_attention, "dense": _dense}
+    models = _compiled_models(attention)
 
     def step(impl: str, batch: dict) -> float:
         transformer.masked_attention = attention[impl]  # read when the blocks compile and at each call
@@ -75,10 +71,7 @@ def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list
         times = _alternate(step, ("tiles", "dense"), batches)
     finally:
         transformer.masked_attention = masked_attention
-    tokens = rows * width
-    ratio = statistics.median(d / t for d, t in zip(times["dense"], times["tiles"], strict=True))
-    return [{"benchmark": name, "impl": impl, "tokens/s": tokens / statistics.median(times[impl]),
-             "speedup": ratio if impl == "tiles" else 1.0} for impl in ("tiles", "dense")]
+    return _rows(name, rows * width, times, ("tiles", "dense"))
 
 
 def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
@@ -92,12 +85,7 @@ def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, i
         batches.append(batch)
     losses = {"documents": packed_chat_loss, "causal": lambda model, batch: causal_lm_loss(
         model, {"tokens": batch["tokens"], "labels": batch["labels"]})}
-    models = {}
-    for impl in losses:
-        model = Transformer(ModelArgs.from_preset("toy-demo"))
-        model.init_weights(seed=0)
-        apply_compile(model)
-        models[impl] = model.train()
+    models = _compiled_models(losses)
 
     def step(impl: str, batch: dict) -> float:
         start = time.perf_counter()
@@ -105,11 +93,26 @@ def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, i
         loss.backward()
         return time.perf_counter() - start
 
-    times = _alternate(step, ("documents", "causal"), batches)
-    tokens = rows * width
-    ratio = statistics.median(c / d for c, d in zip(times["causal"], times["documents"], strict=True))
+    return _rows(name, rows * width, _alternate(step, ("documents", "causal"), batches), ("documents", "causal"))
+
+
+def _compiled_models(names) -> dict[str, Transformer]:
+    """One demo-shaped model per name, the same weights, blocks compiled as the training engine does."""
+    models = {}
+    for name in names:
+        model = Transformer(ModelArgs.from_preset("toy-demo"))
+        model.init_weights(seed=0)
+        apply_compile(model)
+        models[name] = model.train()
+    return models
+
+
+def _rows(name: str, tokens: int, times: dict[str, list[float]], impls: tuple[str, str]) -> list[dict]:
+    """Median tokens/s of each, and the speedup of the first: the median over micro-batches of the second's
+    time over the first's."""
+    ratio = statistics.median(b / a for a, b in zip(times[impls[0]], times[impls[1]], strict=True))
     return [{"benchmark": name, "impl": impl, "tokens/s": tokens / statistics.median(times[impl]),
-             "speedup": ratio if impl == "documents" else 1.0} for impl in ("documents", "causal")]
+             "speedup": ratio if impl == impls[0] else 1.0} for impl in impls]
 
 
 def _alternate(step, impls: tuple[str, str], batches: list[dict]) -> dict[str, list[float]]:

@@ -71,8 +71,9 @@ class DataConfig:
     instead of to the whole window (False: plain causal attention, as llama-recipes and most pretraining
     code pack text). SPEC is silent on it; Llama 3 masks documents. On a CPU the tiled masked attention then
     skips what other documents would add: the demo's compiled step (4 × 1024 tokens of the toy corpus, whose
-    documents average 68 tokens) ran 1.27× faster on the 2-core AVX2 EPYC. A GPU takes one masked SDPA call,
-    slower than the causal kernel."""
+    documents average 68 tokens) ran 1.27-1.33× faster on the 2-core AVX2 EPYC. A GPU takes one masked SDPA
+    call, slower than the causal kernel. In the toy demo it made every stage more helpful but GAtt weaker
+    over the late turns (docs/training.md), so the demo preset leaves it off."""
 
 
 @dataclass
