@@ -11,7 +11,7 @@ are drawn like the demo's: SFT dialogs of 20-130 tokens (mean ~75) in 8 windows 
 dialogs of 700-1000 tokens in 4 windows of 1024 (the last dialog of a window cut at its end). The speedup is
 the median over micro-batches of the dense time over the tiled one.
 
-A third row times pretraining with `data.document_mask` (each packed document attends only to itself, through
+A third row times pretraining with `data.document_mask_steps` (each packed document attends only to itself, through
 the tiles) against plain causal attention over the whole window (PyTorch's causal flash kernel), on windows of
 documents of 20-120 tokens (the toy corpus's average 68).
 """
@@ -75,7 +75,7 @@ def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list
 
 
 def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
-    """Pretraining's `data.document_mask` against plain causal attention over the same windows: each
+    """Pretraining's `data.document_mask_steps` against plain causal attention over the same windows: each
     document attending only to itself, through the tiles, against the causal flash kernel over the window."""
     generator = torch.Generator().manual_seed(0)
     batches = []

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llama2.config import load_config
+from llama2.data.packing import collate_windows
 from llama2.model.checkpoint import load_checkpoint
 from llama2.model.transformer import Transformer
 from llama2.stages import pretrain
@@ -118,8 +121,8 @@ def test_separate_validation_files(tmp_path, pretrain_data):
 
 
 def test_document_mask_trains_each_document_as_if_alone(tmp_path, pretrain_data):
-    """With `data.document_mask`, a window's loss is the sum of its documents' losses, each scored alone."""
-    from llama2.data.packing import build_token_file, collate_windows, split_windows
+    """With `data.document_mask_steps`, a window's loss is the sum of its documents' losses, each scored alone."""
+    from llama2.data.packing import build_token_file, split_windows
     from llama2.model.args import ModelArgs
     from llama2.tokenizer.tokenizer import Tokenizer
     from llama2.training.losses import packed_chat_loss
@@ -144,8 +147,25 @@ def test_document_mask_trains_each_document_as_if_alone(tmp_path, pretrain_data)
     torch.testing.assert_close(loss * 96, alone, rtol=1e-5, atol=1e-4)
     assert not torch.isclose(plain, loss)  # without the mask, later documents see earlier ones
 
-    out = tmp_path / "run"  # the stage trains through it
-    sets = overrides(pretrain_data, out, steps=6) + ["data.document_mask=true"]
+    out = tmp_path / "run"  # the stage: 3 steps with documents masked, then causal over the whole window
+    sets = overrides(pretrain_data, out, steps=6, log_every=1) + ["data.document_mask_steps=3"]
     pretrain.run(load_config(pretrain.Config, SMOKE, sets))
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows if "trained_tokens" in r] == [1, 2, 3]  # logged by the packed loss only
+    assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_document_masked_steps_switch_at_the_same_step_after_a_resume():
+    from llama2.data.sampler import ShuffledBatches
+
+    def sampler():
+        windows = [np.array([1, 5, 6, 1, 7]) for _ in range(8)]
+        return ShuffledBatches(windows, partial(collate_windows, bos_id=1), 1, 2)
+
+    batches = pretrain.DocumentMaskedSteps(sampler(), steps=2)
+    masked = ["doc_ids" in next(batches) for _ in range(6)]  # 3 steps of 2 micro-batches
+    assert masked == [True, True, True, True, False, False]
+    state = {"seed": 0, "epoch": 0, "cursor": 2}  # after step 1
+    resumed = pretrain.DocumentMaskedSteps(sampler(), steps=2)
+    resumed.load_state_dict(state)
+    assert ["doc_ids" in next(resumed) for _ in range(4)] == [True, True, False, False]

@@ -90,6 +90,11 @@ class ShuffledBatches(Generic[T]):
         self.cursor += self.micro_batch_size * self.world_size
         return self.collate([self.dataset[int(i)] for i in indices])
 
+    @property
+    def examples_drawn(self) -> int:
+        """Examples drawn by all processes since the first epoch began: global batches × their size."""
+        return self.epoch * self._epoch_len + self.cursor
+
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
 

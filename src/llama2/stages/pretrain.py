@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from llama2.config import dump_config
 from llama2.data.packing import all_windows, build_token_file, collate_windows, split_windows
 from llama2.data.sampler import ShuffledBatches, sequential_batches
@@ -20,7 +22,7 @@ from llama2.model.transformer import Transformer
 from llama2.stages.export import hf_exporter
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.loop import TrainConfig, Trainer, TrainResult
-from llama2.training.losses import causal_lm_loss, packed_chat_loss
+from llama2.training.losses import Metrics, causal_lm_loss, packed_chat_loss
 from llama2.training.parallel import DistEnv, broadcast_object, distributed_run
 
 
@@ -66,14 +68,14 @@ class DataConfig:
     """Where the tokenized stream is cached (None: `<out_dir>/token_cache`)."""
     seed: int = 0
     """Seed of the window order (each epoch reshuffles from (seed, epoch))."""
-    document_mask: bool = False
-    """Each document attends only to itself within its window (a block-diagonal causal mask cut at every BOS)
-    instead of to the whole window (False: plain causal attention, as llama-recipes and most pretraining
-    code pack text). SPEC is silent on it; Llama 3 masks documents. On a CPU the tiled masked attention then
-    skips what other documents would add: the demo's compiled step (4 × 1024 tokens of the toy corpus, whose
-    documents average 68 tokens) ran 1.27-1.33× faster on the 2-core AVX2 EPYC. A GPU takes one masked SDPA
-    call, slower than the causal kernel. In the toy demo it made every stage more helpful but GAtt weaker
-    over the late turns (docs/training.md), so the demo preset leaves it off."""
+    document_mask_steps: int = 0
+    """The first this many steps, each document attends only to itself within its window (a block-diagonal
+    causal mask cut at every BOS); the steps after it, and every step with 0, attend causally over the whole
+    window, as llama-recipes and most pretraining code pack text (SPEC is silent; Llama 3 masks documents).
+    On a CPU the tiled masked attention skips what other documents would add: a demo-shaped compiled step
+    (4 × 1024 tokens, documents of ~68 tokens) ran 1.27-1.33× faster on the 2-core AVX2 EPYC. A model masked
+    to the end is lost when it reads a long window as one sequence, as inference reads a long dialog; a causal
+    tail teaches it to (docs/training.md). A GPU takes one masked SDPA call, slower than the causal kernel."""
 
 
 @dataclass
@@ -90,6 +92,35 @@ class Config:
     """Optimizer, schedule, precision, parallelism, logging and checkpoints."""
 
 
+class DocumentMaskedSteps:
+    """The sampler's micro-batches with their `doc_ids` for the first `steps` optimizer steps, without them
+    after. The step is read from the sampler's own position, so a resumed run switches at the same step."""
+
+    def __init__(self, batches: ShuffledBatches, steps: int):
+        self.batches, self.steps = batches, steps
+
+    def __iter__(self) -> DocumentMaskedSteps:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        step = self.batches.examples_drawn // self.batches.global_batch_size
+        batch = next(self.batches)
+        if step >= self.steps:
+            del batch["doc_ids"]
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches.load_state_dict(state)
+
+
+def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+    """Each document attending to itself when the batch carries `doc_ids`, the whole window causally otherwise."""
+    return packed_chat_loss(model, batch) if "doc_ids" in batch else causal_lm_loss(model, batch)
+
+
 def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
     """Rank 0 tokenizes (or finds the cache); every process maps the same file and takes its own slice."""
     cache = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "token_cache")
@@ -101,9 +132,12 @@ def _setup_data(cfg: Config, env: DistEnv, tokenizer: Tokenizer, seq_len: int):
     else:
         train_set, val_set = split_windows(token_file.open(), seq_len, cfg.data.val_fraction)
     t = cfg.train
-    collate = partial(collate_windows, bos_id=tokenizer.bos_id) if cfg.data.document_mask else collate_windows
+    masked = cfg.data.document_mask_steps > 0
+    collate = partial(collate_windows, bos_id=tokenizer.bos_id) if masked else collate_windows
     batches = ShuffledBatches(train_set, collate, t.micro_batch_size, t.global_batch_size,
                               env.rank, env.world_size, cfg.data.seed)
+    if masked:
+        batches = DocumentMaskedSteps(batches, cfg.data.document_mask_steps)
     val = None
     if len(val_set) >= t.micro_batch_size * env.world_size:
         val = partial(sequential_batches, val_set, collate, t.micro_batch_size, env.rank, env.world_size)
@@ -124,7 +158,7 @@ def run(cfg: Config) -> TrainResult:
         model.init_weights(cfg.model.init_seed)
         resolved = replace(cfg, model=replace(cfg.model, max_seq_len=args.max_seq_len))
         trainer = Trainer(
-            model, batches, packed_chat_loss if cfg.data.document_mask else causal_lm_loss, cfg.train, cfg.out_dir, env,
+            model, batches, pretraining_loss, cfg.train, cfg.out_dir, env,
             val_batches=val,
             export=hf_exporter(args, tokenizer.model_path),
             config_yaml=dump_config(resolved, header="resolved config; rerun with: llama2 pretrain --config THIS_FILE"),

@@ -47,7 +47,7 @@ def packed_chat_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], block_diagonal: bool = True
 ) -> tuple[torch.Tensor, Metrics]:
     """`LossFn` on windows of packed documents (SFT/GAtt dialogs, or pretraining text with
-    `document_mask`): batch `{"tokens", "labels", "doc_ids"}`, each (B, T).
+    `document_mask_steps`): batch `{"tokens", "labels", "doc_ids"}`, each (B, T).
 
     With `block_diagonal`, each packed document attends only to itself (as a dialog will at inference);
     otherwise the window is one causal sequence, as in llama-recipes' packing.
