@@ -57,43 +57,43 @@ def _windows(rows: int, width: int, lengths: tuple[int, int], generator: torch.G
 def _compare(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     batches = [_windows(rows, width, lengths, generator) for _ in range(STEPS + 2)]
-    attention = {"tiles": masked_attention, "dense": _dense}
-    models = _compiled_models(attention)
-
-    def step(impl: str, batch: dict) -> float:
-        transformer.masked_attention = attention[impl]  # read when the blocks compile and at each call
-        start = time.perf_counter()
-        loss, _ = packed_chat_loss(models[impl], batch)
-        loss.backward()
-        return time.perf_counter() - start
-
-    try:
-        times = _alternate(step, ("tiles", "dense"), batches)
-    finally:
-        transformer.masked_attention = masked_attention
-    return _rows(name, rows * width, times, ("tiles", "dense"))
+    return _time_pair(name, batches, {"tiles": (packed_chat_loss, masked_attention),
+                                      "dense": (packed_chat_loss, _dense)})
 
 
 def _compare_pretraining(name: str, rows: int, width: int, lengths: tuple[int, int]) -> list[dict]:
     """Pretraining's `data.document_mask_steps` against plain causal attention over the same windows: each
-    document attending only to itself, through the tiles, against the causal flash kernel over the window."""
+    document attending only to itself, through the tiles, against the causal flash kernel over the window
+    (`causal_lm_loss` reads no `doc_ids`)."""
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(STEPS + 2):
         batch = _windows(rows, width, lengths, generator)
-        batch["labels"] = batch["tokens"].roll(-1, dims=1)
+        batch["labels"] = batch["tokens"].roll(-1, dims=1)  # every position trained
         batches.append(batch)
-    losses = {"documents": packed_chat_loss, "causal": lambda model, batch: causal_lm_loss(
-        model, {"tokens": batch["tokens"], "labels": batch["labels"]})}
-    models = _compiled_models(losses)
+    return _time_pair(name, batches, {"documents": (packed_chat_loss, masked_attention),
+                                      "causal": (causal_lm_loss, masked_attention)})
+
+
+def _time_pair(name: str, batches: list[dict], impls: dict) -> list[dict]:
+    """Two compiled models with the same weights, each trained by its own (loss, masked attention), fed the same
+    micro-batches alternately; the rows of `_rows`, the first implementation's speedup over the second."""
+    models = _compiled_models(impls)
 
     def step(impl: str, batch: dict) -> float:
+        loss_fn, attention = impls[impl]
+        transformer.masked_attention = attention  # read when the blocks compile and at each call
         start = time.perf_counter()
-        loss, _ = losses[impl](models[impl], batch)
+        loss, _ = loss_fn(models[impl], batch)
         loss.backward()
         return time.perf_counter() - start
 
-    return _rows(name, rows * width, _alternate(step, ("documents", "causal"), batches), ("documents", "causal"))
+    names = tuple(impls)
+    try:
+        times = _alternate(step, names, batches)
+    finally:
+        transformer.masked_attention = masked_attention
+    return _rows(name, batches[0]["tokens"].numel(), times, names)
 
 
 def _compiled_models(names) -> dict[str, Transformer]:

@@ -75,7 +75,8 @@ class DataConfig:
     On a CPU the tiled masked attention skips what other documents would add: a demo-shaped compiled step
     (4 × 1024 tokens, documents of ~68 tokens) ran 1.27-1.33× faster on the 2-core AVX2 EPYC. A model masked
     to the end is lost when it reads a long window as one sequence, as inference reads a long dialog; a causal
-    tail teaches it to (docs/training.md). A GPU takes one masked SDPA call, slower than the causal kernel."""
+    tail teaches it to (docs/training.md). Validation reads each document alone whenever this is above 0. A
+    GPU takes one masked SDPA call, slower than the causal kernel."""
 
 
 @dataclass
