@@ -16,6 +16,10 @@ tokens/s with the output projection alone as a reduction, and to 420 with every 
 a matrix product reads the weights once for all of them, so it stays. Attention of the one query is written
 the same way (scores, softmax and weighted sum as reductions over the cache): PyTorch's CPU flash kernel took
 88 µs a layer for one query over a 256-slot cache, about a seventh of a stories15M step.
+
+Greedy decoding of one sequence without log-probabilities needs only the next token, not the logits: that
+step (`CompiledGreedyStep`) finds it with `screened_argmax`, which reads the output matrix in fp16 and a few
+of its rows in fp32, and returns the same token.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from llama2.generation.screened_argmax import ScreenedOutput, screened_argmax
 from llama2.generation.step_cache import CacheOwningStep, cached_step
 from llama2.model.transformer import Transformer
 
@@ -42,21 +47,59 @@ class CompiledDecodeStep(CacheOwningStep):
         def step(tokens, pos, positions, mask):
             return forward(tokens, pos, mask, positions)
 
-        # TorchDynamo keeps compiled code per code object, at most `recompile_limit` (8) entries, so with one
-        # shared function the ninth step shape would fail: each step gets a code object of its own. Its
-        # guards skip the model's ~70 parameters and buffers (0.29 ms of a 3 ms stories15M step); the
-        # weights are still read at each call, so in-place updates are seen, and a moved or cast model gets
-        # a new step (see `step_cache`). Tests check both.
-        own = types.FunctionType(step.__code__.replace(co_name=f"decode_step_{next(_STEP_IDS)}"),
-                                 step.__globals__, closure=step.__closure__)
-        self.fn = torch.compile(own, dynamic=False, fullgraph=True,
-                                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.fn = _compile_own(step)
 
     def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, V) for `tokens` (B, 1) written at cache slot `pos`, at rotary `positions` (B, 1),
         attending to the slots where `mask` (B, 1, 1, cache_len) is True."""
         self.pos.fill_(pos)
         return self.fn(tokens, self.pos, positions, mask)
+
+
+class CompiledGreedyStep(CacheOwningStep):
+    """Batch-1 greedy decoding: the compiled step returns the next token, found by `screened_argmax` from an
+    fp16 copy of the output matrix and a few of its fp32 rows, instead of the logits (the same token; where the
+    screen cannot prove it, the full fp32 logits decide). Half the output matrix's bytes are read per token."""
+
+    def __init__(self, model: Transformer, batch_size: int, cache_len: int):
+        if batch_size != 1:
+            raise ValueError(f"the greedy step decodes one sequence, got a batch of {batch_size}")
+        super().__init__(model, batch_size, cache_len)
+        self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
+        self.screen = ScreenedOutput(model.output.weight)
+        self.fallbacks = 0  # steps where the screen proved nothing and the full logits decided
+        weight = model.output.weight
+
+        def step(tokens, pos, positions, mask, half, err):
+            with OneRowOps():
+                h = model.hidden_states(tokens, pos, mask, positions).view(-1)
+            token, proven = screened_argmax(h, weight, half, err)
+            return token, proven, h
+
+        self.fn = _compile_own(step)
+
+    def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The greedy next token (1,) for `tokens` (1, 1) written at cache slot `pos` (arguments as
+        `CompiledDecodeStep`)."""
+        self.screen.refresh()
+        self.pos.fill_(pos)
+        token, proven, h = self.fn(tokens, self.pos, positions, mask, self.screen.half, self.screen.err)
+        if bool(proven):
+            return token
+        self.fallbacks += 1
+        return self.model.output(h.view(1, 1, -1)).argmax().view(1)
+
+
+def _compile_own(step):
+    """`torch.compile` of `step` as a code object of its own. TorchDynamo keeps compiled code per code object,
+    at most `recompile_limit` (8) entries, so with one shared function the ninth step shape would fail. Its
+    guards skip the model's ~70 parameters and buffers (0.29 ms of a 3 ms stories15M step); the weights are
+    still read at each call, so in-place updates are seen, and a moved or cast model gets a new step (see
+    `step_cache`). Tests check both."""
+    own = types.FunctionType(step.__code__.replace(co_name=f"decode_step_{next(_STEP_IDS)}"),
+                             step.__globals__, closure=step.__closure__)
+    return torch.compile(own, dynamic=False, fullgraph=True,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 class OneRowOps(TorchFunctionMode):
@@ -117,3 +160,8 @@ def compiled_step(model: Transformer, batch_size: int, cache_len: int) -> Compil
     """The model's compiled step for this batch size and cache length, compiled once and reused
     (see `step_cache`)."""
     return cached_step(model, batch_size, cache_len, CompiledDecodeStep)
+
+
+def compiled_greedy_step(model: Transformer, cache_len: int) -> CompiledGreedyStep:
+    """The model's compiled batch-1 greedy step for this cache length (see `step_cache`)."""
+    return cached_step(model, 1, cache_len, CompiledGreedyStep)

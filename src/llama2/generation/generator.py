@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llama2.generation.compiled_step import compiled_step
+from llama2.generation.compiled_step import compiled_greedy_step, compiled_step
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.generation.sampling import next_token
@@ -109,7 +109,12 @@ def generate(
 
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training
-    step = graphed_step(model, bsz, width) if cuda_graph else compiled_step(model, bsz, width) if compile else None
+    # One greedy sequence without log-probs needs only the next token: the compiled step screens the output
+    # matrix for it (see `screened_argmax`) instead of computing every logit.
+    screened = (compile and not cuda_graph and bsz == 1 and temperature == 0 and not logprobs
+                and model.output.weight.dtype == torch.float32)
+    step = (graphed_step(model, bsz, width) if cuda_graph else compiled_greedy_step(model, width) if screened
+            else compiled_step(model, bsz, width) if compile else None)
     if step is None:
         model.setup_cache(bsz, width)
     else:
@@ -129,8 +134,8 @@ def generate(
             logits = logits[:, -1:]
         cur_pos = max_len
         held = torch.arange(bsz, device=device)  # the rows the eager path's cache holds, in cache order
+        nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
         while True:
-            nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
             tokens[:, cur_pos] = nxt
             if token_logprobs is not None:
                 token_logprobs[:, cur_pos] = -F.cross_entropy(logits[:, -1], nxt, reduction="none")
@@ -139,7 +144,10 @@ def generate(
                 break
             if step is not None:
                 feed, pos = tokens[:, cur_pos : cur_pos + 1], positions[:, cur_pos : cur_pos + 1]
-                logits = step(feed, cur_pos, pos, step_mask)
+                if screened:
+                    nxt = step(feed, cur_pos, pos, step_mask)
+                else:
+                    logits = step(feed, cur_pos, pos, step_mask)
             else:
                 held = _drop_finished_rows(model, held, done, cur_pos)
                 feed, pos = tokens[held, cur_pos : cur_pos + 1], positions[held, cur_pos : cur_pos + 1]
@@ -150,6 +158,8 @@ def generate(
                 else:
                     logits[held] = fed  # finished rows keep their last logits
             cur_pos += 1
+            if not screened:
+                nxt = next_token(logits[:, -1], temperature, top_p, top_k, generator)
     finally:
         if step is None:
             model.clear_cache()
