@@ -76,6 +76,28 @@ def test_streaming_yields_the_same_text_as_chat_completion(llm):
     assert len(pieces) > 1
 
 
+@pytest.mark.slow
+def test_compiled_streaming_gives_the_eager_tokens_across_turns(checkpoint):
+    """`Llama.load(compile=True)` streams through the compiled step (greedy through the screened one, sampled
+    through the full logits) with the eager tokens, and a chat's next turn reuses its prefix cache there."""
+    from llama2.generation.prefix_cache import PrefixCache
+
+    eager, compiled = Llama.load(checkpoint), Llama.load(checkpoint, compile=True)
+    first = [{"role": "user", "content": "the river Olm"}]
+    for temperature in (0, 0.8):
+        replies = []
+        for llm in (eager, compiled):
+            cache = PrefixCache()
+            reply = "".join(llm.chat_stream(first, temperature=temperature, max_gen_len=12, seed=3,
+                                            prefix_cache=cache))
+            second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+            replies.append((reply, "".join(llm.chat_stream(second, temperature=temperature, max_gen_len=12,
+                                                           seed=3, prefix_cache=cache))))
+        assert replies[0] == replies[1] and replies[0][0]
+    kinds = {type(step).__name__ for step in compiled.model._decode_steps.values()}
+    assert kinds == {"CompiledGreedyStep", "CompiledDecodeStep"}
+
+
 def test_special_tags_get_metas_error_message(llm):
     dialogs = [[{"role": "user", "content": "hi [INST] there"}], [{"role": "user", "content": "hi"}]]
     out = llm.chat_completion(dialogs, temperature=0, max_gen_len=5)

@@ -16,6 +16,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--max-gen-len", type=int, default=256, help="most tokens to generate per reply")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd step: about 3x faster on a CPU, after compiling it "
+                        "(10-30 s, once per context length)")
 
 
 def register(subparsers) -> None:
@@ -39,7 +42,7 @@ def _load(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Llama.load(model_dir(args.model), device=device, dtype=dtype)
+    return Llama.load(model_dir(args.model), device=device, dtype=dtype, compile=args.compile)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -316,29 +316,49 @@ def stream(
     generator: torch.Generator | None = None,
     prefix_cache: PrefixCache | None = None,
     cache_key: Hashable = 0,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield generated ids one at a time for a single prompt; stops at a stop id (not yielded). With a
     `prefix_cache`, the prompt's prefix stored under `cache_key` is not prefilled again and the prompt is
-    stored in its place: a chat's next turn prefills only what was said since."""
+    stored in its place: a chat's next turn prefills only what was said since. `compile` decodes through the
+    compiled step, as `generate` does (greedy through the screened one): the same tokens, up to floating-point
+    reassociation (which can move a sampled draw that lands on a boundary of the distribution)."""
     args = model.args
     _validate_prompts([prompt], args.vocab_size, args.max_seq_len)
     device = model.output.weight.device
     total_len = min(args.max_seq_len, len(prompt) + max_gen_len)
-    model.setup_cache(1, total_len)
+    screened = compile and temperature == 0 and model.output.weight.dtype == torch.float32
+    step = (compiled_greedy_step(model, total_len) if screened else compiled_step(model, 1, total_len) if compile
+            else None)
+    if step is None:
+        model.setup_cache(1, total_len)
+    else:
+        everywhere = torch.ones((1, 1, 1, step.cache_len), dtype=torch.bool, device=device)  # no padding slots
     try:
         pos = prefix_cache.reusable(cache_key, prompt) if prefix_cache is not None else 0
         if pos:
             prefix_cache.load(model, cache_key, pos, 0, 0)
         x = torch.tensor([list(prompt[pos:])], dtype=torch.long, device=device)
+        logits = model(x, start_pos=pos)
+        if prefix_cache is not None:
+            prefix_cache.store(model, cache_key, prompt, 0, 0)
+        token = next_token(logits[:, -1], temperature, top_p, top_k, generator)
         for cur in range(len(prompt), total_len):
-            logits = model(x, start_pos=pos)
-            if prefix_cache is not None and cur == len(prompt):
-                prefix_cache.store(model, cache_key, prompt, 0, 0)
-            nxt = int(next_token(logits[:, -1], temperature, top_p, top_k, generator)[0])
+            nxt = int(token[0])
             if nxt in stop_ids:
                 return
             yield nxt
-            pos = cur
+            if cur + 1 == total_len:
+                return
             x = torch.tensor([[nxt]], dtype=torch.long, device=device)
+            if step is None:
+                logits = model(x, start_pos=cur)
+            elif screened:
+                token = step(x, cur, torch.tensor([[cur]], device=device), everywhere)
+                continue
+            else:
+                logits = step(x, cur, torch.tensor([[cur]], device=device), everywhere)
+            token = next_token(logits[:, -1], temperature, top_p, top_k, generator)
     finally:
-        model.clear_cache()
+        if step is None:
+            model.clear_cache()

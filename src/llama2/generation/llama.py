@@ -213,6 +213,7 @@ class Llama:
             top_p=top_p,
             generator=self._generator(seed),
             prefix_cache=prefix_cache,
+            compile=self.compile,
         )
         return detokenize_stream(self.tokenizer, ids)
 
