@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llama2.generation.compiled_step import compiled_greedy_step, compiled_step
+from llama2.generation.compiled_step import CompiledGreedyStep, compiled_greedy_step, compiled_step
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.generation.sampling import next_token
+from llama2.generation.step_cache import CacheOwningStep
 from llama2.model.transformer import Transformer
 from llama2.tokenizer.tokenizer import Tokenizer
 
@@ -109,12 +110,8 @@ def generate(
 
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training
-    # One greedy sequence without log-probs needs only the next token: the compiled step screens the output
-    # matrix for it (see `screened_argmax`) instead of computing every logit.
-    screened = (compile and not cuda_graph and bsz == 1 and temperature == 0 and not logprobs
-                and model.output.weight.dtype == torch.float32)
-    step = (graphed_step(model, bsz, width) if cuda_graph else compiled_greedy_step(model, width) if screened
-            else compiled_step(model, bsz, width) if compile else None)
+    step = _decode_step(model, bsz, width, cuda_graph, compile, greedy=temperature == 0 and not logprobs)
+    screened = isinstance(step, CompiledGreedyStep)
     if step is None:
         model.setup_cache(bsz, width)
     else:
@@ -176,6 +173,20 @@ def generate(
         if lp_rows is not None:
             out_logprobs.append(lp_rows[i][first : max_len + cut])
     return GenerationOutput(out_tokens, out_logprobs if logprobs else None)
+
+
+def _decode_step(model: Transformer, batch_size: int, cache_len: int, cuda_graph: bool, compile: bool,
+                 greedy: bool) -> CacheOwningStep | None:
+    """The step that decodes after the prefill, or None for the eager model. One fp32 sequence decoded greedily
+    (without log-probs) needs only the next token: its compiled step screens the output matrix for it (see
+    `screened_argmax`) and returns the token instead of the logits."""
+    if cuda_graph:
+        return graphed_step(model, batch_size, cache_len)
+    if not compile:
+        return None
+    if greedy and batch_size == 1 and model.output.weight.dtype == torch.float32:
+        return compiled_greedy_step(model, cache_len)
+    return compiled_step(model, batch_size, cache_len)
 
 
 def _prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, ragged: bool,
@@ -327,9 +338,8 @@ def stream(
     _validate_prompts([prompt], args.vocab_size, args.max_seq_len)
     device = model.output.weight.device
     total_len = min(args.max_seq_len, len(prompt) + max_gen_len)
-    screened = compile and temperature == 0 and model.output.weight.dtype == torch.float32
-    step = (compiled_greedy_step(model, total_len) if screened else compiled_step(model, 1, total_len) if compile
-            else None)
+    step = _decode_step(model, 1, total_len, cuda_graph=False, compile=compile, greedy=temperature == 0)
+    screened = isinstance(step, CompiledGreedyStep)
     if step is None:
         model.setup_cache(1, total_len)
     else:
