@@ -18,7 +18,7 @@ the same way (scores, softmax and weighted sum as reductions over the cache): Py
 88 µs a layer for one query over a 256-slot cache, about a seventh of a stories15M step.
 
 Greedy decoding of one sequence without log-probabilities needs only the next token, not the logits: that
-step (`CompiledGreedyStep`) finds it with `screened_argmax`, which reads the output matrix in fp16 and a few
+step (`CompiledGreedyStep`) finds it with `screened_argmax`, which reads the output matrix in int8 and a few
 of its rows in fp32, and returns the same token.
 """
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from llama2.generation.screened_argmax import ScreenedOutput, screened_argmax
+from llama2.generation.screened_argmax import BLOCK, ScreenedOutput, screened_argmax
 from llama2.generation.step_cache import CacheOwningStep, cached_step
 from llama2.model.transformer import Transformer
 
@@ -58,22 +58,26 @@ class CompiledDecodeStep(CacheOwningStep):
 
 class CompiledGreedyStep(CacheOwningStep):
     """Batch-1 greedy decoding: the compiled step returns the next token, found by `screened_argmax` from an
-    fp16 copy of the output matrix and a few of its fp32 rows, instead of the logits (the same token; where the
-    screen cannot prove it, the full fp32 logits decide). Half the output matrix's bytes are read per token."""
+    int8 copy of the output matrix and 1,024 of its fp32 rows, instead of the logits (the same token; where the
+    screen cannot prove it, the full fp32 logits decide). A quarter of the output matrix's bytes are read per
+    token. The vocabulary must hold more than one block of the screen (`BLOCK` rows)."""
 
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         if batch_size != 1:
             raise ValueError(f"the greedy step decodes one sequence, got a batch of {batch_size}")
+        if model.args.vocab_size <= BLOCK:
+            raise ValueError(f"the greedy step screens more than {BLOCK} rows, got a vocabulary of "
+                             f"{model.args.vocab_size}")
         super().__init__(model, batch_size, cache_len)
         self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
         self.screen = ScreenedOutput(model.output.weight)
         self.fallbacks = 0  # steps where the screen proved nothing and the full logits decided
         weight = model.output.weight
 
-        def step(tokens, pos, positions, mask, half, err):
+        def step(tokens, pos, positions, mask, packed, scale, slack):
             with OneRowOps():
                 h = model.hidden_states(tokens, pos, mask, positions).view(-1)
-            token, proven = screened_argmax(h, weight, half, err)
+            token, proven = screened_argmax(h, weight, packed, scale, slack)
             return token, proven, h
 
         self.fn = _compile_own(step)
@@ -81,9 +85,10 @@ class CompiledGreedyStep(CacheOwningStep):
     def __call__(self, tokens: torch.Tensor, pos: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The greedy next token (1,) for `tokens` (1, 1) written at cache slot `pos` (arguments as
         `CompiledDecodeStep`)."""
-        self.screen.refresh()
+        screen = self.screen
+        screen.refresh()
         self.pos.fill_(pos)
-        token, proven, h = self.fn(tokens, self.pos, positions, mask, self.screen.half, self.screen.err)
+        token, proven, h = self.fn(tokens, self.pos, positions, mask, screen.packed, screen.scale, screen.slack)
         if bool(proven):
             return token
         self.fallbacks += 1

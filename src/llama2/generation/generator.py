@@ -21,6 +21,7 @@ from llama2.generation.compiled_step import CompiledGreedyStep, compiled_greedy_
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.generation.sampling import next_token
+from llama2.generation.screened_argmax import BLOCK
 from llama2.generation.step_cache import CacheOwningStep
 from llama2.model.transformer import Transformer
 from llama2.tokenizer.tokenizer import Tokenizer
@@ -179,12 +180,14 @@ def _decode_step(model: Transformer, batch_size: int, cache_len: int, cuda_graph
                  greedy: bool) -> CacheOwningStep | None:
     """The step that decodes after the prefill, or None for the eager model. One fp32 sequence decoded greedily
     (without log-probs) needs only the next token: its compiled step screens the output matrix for it (see
-    `screened_argmax`) and returns the token instead of the logits."""
+    `screened_argmax`) and returns the token instead of the logits; a vocabulary of one screening block is
+    not worth screening."""
     if cuda_graph:
         return graphed_step(model, batch_size, cache_len)
     if not compile:
         return None
-    if greedy and batch_size == 1 and model.output.weight.dtype == torch.float32:
+    screenable = model.output.weight.dtype == torch.float32 and model.args.vocab_size > BLOCK
+    if greedy and batch_size == 1 and screenable:
         return compiled_greedy_step(model, cache_len)
     return compiled_step(model, batch_size, cache_len)
 
