@@ -26,6 +26,29 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int = 5,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times (seconds) of each function over `repeats` rounds, one call of each per round in turn, after
+    `warmup` calls of each. A shared VM's speed drifts by a fifth or more over minutes; it slows the calls of one
+    round alike, so ratios taken round by round (`median_ratio`) compare the functions more fairly than times
+    taken one function after the other."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(slower: list[float], faster: list[float]) -> float:
+    """The median over rounds of one function's time over another's (see `alternating_times`)."""
+    return statistics.median(a / b for a, b in zip(slower, faster, strict=True))
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"

@@ -6,18 +6,20 @@ Batch-1 greedy decoding of 128 new tokens (our KV-cache generator, eager and wit
 screens the output matrix for the greedy token, and with the compiled step computing every logit as it does
 when log-probabilities are asked for; vs `LlamaForCausalLM.generate`), and one
 AdamW training step on a batch of 8 x 256 tokens through the same loop for both models (ours with the loss as
-the training engine computes it, the output layer fused with the cross-entropy). Same weights.
+the training engine computes it, the output layer fused with the cross-entropy). Same weights. Each round times
+every implementation once, in turn, and a speedup is the median of the rounds' ratios (`alternating_times`).
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import best_time, machine, markdown_table
+from benchmarks.common import alternating_times, machine, markdown_table, median_ratio
 from llama2 import ModelArgs, Transformer
 from llama2.generation.generator import generate
 from llama2.model.checkpoint import save_hf
@@ -54,27 +56,24 @@ def _decode_rows(ours, theirs) -> list[dict]:
                                   pad_token_id=0)
         assert out.shape[1] == len(prompt) + NEW_TOKENS
 
-    t_ours, t_theirs = best_time(run_ours, repeats=5), best_time(run_theirs, repeats=5)
     start = time.perf_counter()
     same = run_ours(compile=True) == run_ours()  # the first compiled call compiles the step
     compile_s = time.perf_counter() - start
-    t_compiled = best_time(lambda: run_ours(compile=True), repeats=5)
     start = time.perf_counter()
     same_logits = run_ours(compile=True, logprobs=True) == run_ours()
     compile_logits_s = time.perf_counter() - start
-    t_logits = best_time(lambda: run_ours(compile=True, logprobs=True), repeats=5)
-    return [
-        {"benchmark": "decode batch 1, 128 tokens", "impl": "llama2", "tokens/s": NEW_TOKENS / t_ours,
-         "speedup": t_theirs / t_ours},
-        {"benchmark": "decode batch 1, 128 tokens", "impl": f"llama2 compile=True (compiled once in {compile_s:.0f}s;"
-         f" tokens {'equal' if same else 'differ'})", "tokens/s": NEW_TOKENS / t_compiled,
-         "speedup": t_theirs / t_compiled},
-        {"benchmark": "decode batch 1, 128 tokens", "impl": f"llama2 compile=True, logprobs=True (every logit;"
-         f" compiled in {compile_logits_s:.0f}s; tokens {'equal' if same_logits else 'differ'})",
-         "tokens/s": NEW_TOKENS / t_logits, "speedup": t_theirs / t_logits},
-        {"benchmark": "decode batch 1, 128 tokens", "impl": "transformers", "tokens/s": NEW_TOKENS / t_theirs,
-         "speedup": 1.0},
-    ]
+    times = alternating_times({"eager": run_ours, "compiled": lambda: run_ours(compile=True),
+                               "logits": lambda: run_ours(compile=True, logprobs=True), "theirs": run_theirs})
+    impls = {
+        "eager": "llama2",
+        "compiled": f"llama2 compile=True (compiled once in {compile_s:.0f}s; tokens {'equal' if same else 'differ'})",
+        "logits": f"llama2 compile=True, logprobs=True (every logit; compiled in {compile_logits_s:.0f}s; tokens "
+                  f"{'equal' if same_logits else 'differ'})",
+        "theirs": "transformers",
+    }
+    return [{"benchmark": "decode batch 1, 128 tokens", "impl": impl,
+             "tokens/s": NEW_TOKENS / statistics.median(times[k]), "speedup": median_ratio(times["theirs"], times[k])}
+            for k, impl in impls.items()]
 
 
 def _train_rows(ours, theirs) -> list[dict]:
@@ -100,15 +99,10 @@ def _train_rows(ours, theirs) -> list[dict]:
     theirs_loss = lambda m: F.cross_entropy(m(x).logits.float().flatten(0, 1), y.flatten())  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(ours_loss(ours), theirs_loss(theirs), rtol=1e-5, atol=1e-5)
-    t_ours = best_time(step_fn(ours, ours_loss), repeats=5, warmup=2)
-    t_theirs = best_time(step_fn(theirs, theirs_loss), repeats=5, warmup=2)
-    tokens = x.numel()
-    return [
-        {"benchmark": "train step 8 x 256, AdamW", "impl": "llama2", "tokens/s": tokens / t_ours,
-         "speedup": t_theirs / t_ours},
-        {"benchmark": "train step 8 x 256, AdamW", "impl": "transformers", "tokens/s": tokens / t_theirs,
-         "speedup": 1.0},
-    ]
+    times = alternating_times({"llama2": step_fn(ours, ours_loss), "transformers": step_fn(theirs, theirs_loss)},
+                              warmup=2)
+    return [{"benchmark": "train step 8 x 256, AdamW", "impl": impl, "tokens/s": x.numel() / statistics.median(t),
+             "speedup": median_ratio(times["transformers"], t)} for impl, t in times.items()]
 
 
 def run() -> list[dict]:

@@ -94,8 +94,9 @@ def screened_argmax(h: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
     blocks = F.pad(upper, (0, -vocab % BLOCK), value=-math.inf).view(-1, BLOCK)
     chosen = min(BLOCKS, blocks.shape[0] - 1)
     tops, ids = blocks.amax(-1).topk(chosen + 1)
-    rows = (ids[:chosen].sort().values[:, None] * BLOCK + torch.arange(BLOCK, device=h.device)).view(-1)
+    rows = (ids[:chosen, None] * BLOCK + torch.arange(BLOCK, device=h.device)).view(-1)
     rows = rows.clamp(max=vocab - 1)  # the last block's padding repeats the last row
     exact = (weight[rows] * h).sum(-1)
-    best = exact.argmax().view(1)
-    return rows.gather(0, best), tops[chosen:] < exact.gather(0, best)
+    best = exact.max()
+    token = torch.where(exact == best, rows, vocab).amin()  # the lowest id among equals, without a sort
+    return token.view(1), tops[chosen:] < best
