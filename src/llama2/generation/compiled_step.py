@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from llama2.generation.screened_argmax import BLOCK, ScreenedOutput, screened_argmax
+from llama2.generation.screened_argmax import ScreenedOutput, screened_argmax
 from llama2.generation.step_cache import CacheOwningStep, cached_step
 from llama2.model.transformer import Transformer
 
@@ -60,17 +60,15 @@ class CompiledGreedyStep(CacheOwningStep):
     """Batch-1 greedy decoding: the compiled step returns the next token, found by `screened_argmax` from an
     int8 copy of the output matrix and 1,024 of its fp32 rows, instead of the logits (the same token; where the
     screen cannot prove it, the full fp32 logits decide). A quarter of the output matrix's bytes are read per
-    token. The vocabulary must hold more than one block of the screen (`BLOCK` rows)."""
+    token. The output matrix must be `screenable`."""
 
     def __init__(self, model: Transformer, batch_size: int, cache_len: int):
         if batch_size != 1:
             raise ValueError(f"the greedy step decodes one sequence, got a batch of {batch_size}")
-        if model.args.vocab_size <= BLOCK:
-            raise ValueError(f"the greedy step screens more than {BLOCK} rows, got a vocabulary of "
-                             f"{model.args.vocab_size}")
+        screen = ScreenedOutput(model.output.weight)  # refuses a matrix it cannot screen, before any cache
         super().__init__(model, batch_size, cache_len)
         self.pos = torch.zeros((), dtype=torch.long, device=model.output.weight.device)
-        self.screen = ScreenedOutput(model.output.weight)
+        self.screen = screen
         self.fallbacks = 0  # steps where the screen proved nothing and the full logits decided
         weight = model.output.weight
 

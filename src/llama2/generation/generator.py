@@ -21,7 +21,7 @@ from llama2.generation.compiled_step import CompiledGreedyStep, compiled_greedy_
 from llama2.generation.cuda_graph import graphed_step
 from llama2.generation.prefix_cache import PrefixCache
 from llama2.generation.sampling import next_token
-from llama2.generation.screened_argmax import BLOCK
+from llama2.generation.screened_argmax import screenable
 from llama2.generation.step_cache import CacheOwningStep
 from llama2.model.transformer import Transformer
 from llama2.tokenizer.tokenizer import Tokenizer
@@ -186,8 +186,7 @@ def _decode_step(model: Transformer, batch_size: int, cache_len: int, cuda_graph
         return graphed_step(model, batch_size, cache_len)
     if not compile:
         return None
-    screenable = model.output.weight.dtype == torch.float32 and model.args.vocab_size > BLOCK
-    if greedy and batch_size == 1 and screenable:
+    if greedy and batch_size == 1 and screenable(model.output.weight):
         return compiled_greedy_step(model, cache_len)
     return compiled_step(model, batch_size, cache_len)
 
@@ -366,11 +365,12 @@ def stream(
             x = torch.tensor([[nxt]], dtype=torch.long, device=device)
             if step is None:
                 logits = model(x, start_pos=cur)
-            elif screened:
-                token = step(x, cur, torch.tensor([[cur]], device=device), everywhere)
-                continue
             else:
-                logits = step(x, cur, torch.tensor([[cur]], device=device), everywhere)
+                out = step(x, cur, torch.tensor([[cur]], device=device), everywhere)
+                if screened:  # the step returned the greedy token itself
+                    token = out
+                    continue
+                logits = out
             token = next_token(logits[:, -1], temperature, top_p, top_k, generator)
     finally:
         if step is None:

@@ -40,13 +40,20 @@ BLOCKS = 16
 _ROUNDING = 2.0**-24
 
 
+def screenable(weight: torch.Tensor) -> bool:
+    """Whether an output matrix can be screened: fp32, and more than one block of rows (with fewer, nothing
+    is left unread)."""
+    return weight.dtype == torch.float32 and weight.shape[0] > BLOCK
+
+
 class ScreenedOutput:
     """The packed int8 copy of an fp32 output matrix (V, dim), its row scales and each row's error bound per
     unit of ||h||, refreshed when the matrix changes in place (an optimizer step bumps its version counter)."""
 
     def __init__(self, weight: torch.Tensor):
-        if weight.dtype != torch.float32:
-            raise ValueError(f"screening is for fp32 output weights, got {weight.dtype}")
+        if not screenable(weight):
+            raise ValueError(f"screening is for fp32 output weights of more than {BLOCK} rows, got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
         if sys.byteorder != "little":
             raise RuntimeError("the packed int8 screen assumes a little-endian machine")
         self.weight = weight
