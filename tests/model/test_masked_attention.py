@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+import llama2.model.masked_attention as masked_attention_module
 from llama2.model.masked_attention import QUERY_TILE, key_spans, masked_attention
 
 
@@ -81,7 +83,9 @@ def test_compiled_code_keeps_the_tiles_and_matches_dense_attention_and_its_gradi
     assert torch.ops.llama2.tiled_attention.default in targets
 
 
-def test_bf16_matches_dense_attention_at_bf16_precision():
+@pytest.mark.parametrize("fast_bf16_attention", [True, False])
+def test_bf16_matches_dense_attention_at_bf16_precision(monkeypatch, fast_bf16_attention):
+    monkeypatch.setattr(masked_attention_module, "FAST_BF16_ATTENTION", fast_bf16_attention)
     generator = torch.Generator().manual_seed(4)
     mask = block_causal_mask(random_docs(2, 2 * QUERY_TILE + 9, generator))
     q, k, v = (torch.randn(2, 2, mask.shape[-1], 8, generator=generator).bfloat16().requires_grad_()
@@ -94,3 +98,25 @@ def test_bf16_matches_dense_attention_at_bf16_precision():
                          strict=True):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_runs_the_kernels_in_fp32_where_bf16_attention_is_the_slower():
+    """Without AMX (FAST_BF16_ATTENTION false) bf16 inputs are attended in fp32 and only the results rounded:
+    the output is the fp32 computation's, rounded; the gradients differ from it only by the bf16 output the
+    backward reads."""
+    generator = torch.Generator().manual_seed(5)
+    mask = block_causal_mask(random_docs(2, 2 * QUERY_TILE + 9, generator))
+    q, k, v = (torch.randn(2, 2, mask.shape[-1], 8, generator=generator).bfloat16() for _ in range(3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(masked_attention_module, "FAST_BF16_ATTENTION", False)
+        low = [x.clone().requires_grad_() for x in (q, k, v)]
+        tiled = masked_attention(*low, mask)
+        grads = torch.autograd.grad(tiled.float().sum(), low)
+    full = [x.float().requires_grad_() for x in (q, k, v)]
+    reference = masked_attention(*full, mask)
+    reference_grads = torch.autograd.grad(reference.sum(), full)
+    assert tiled.dtype == torch.bfloat16
+    torch.testing.assert_close(tiled, reference.bfloat16(), atol=0, rtol=0)
+    for got, want in zip(grads, reference_grads, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1.6e-2)
