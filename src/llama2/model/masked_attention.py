@@ -28,7 +28,7 @@ import torch.nn.functional as F
 QUERY_TILE = 128
 """Queries per tile: 64 and 128 measured within 5% of each other."""
 
-FAST_BF16_ATTENTION = torch.cpu._is_amx_tile_supported()
+FAST_BF16_ATTENTION = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)())
 """Whether the CPU's masked flash kernels run bf16 at least as fast as fp32. Without AMX they do not: on a 2-core
 AMD EPYC with AVX-512 and native bf16 (Zen 4), a compiled SFT micro-batch's (8 × 512, bf16 autocast) attention
 backward took 213 ms in bf16 against 84 in fp32, while its matrix products ran 2.2× faster in bf16. The tiles
