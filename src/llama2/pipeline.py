@@ -614,7 +614,7 @@ def register(subparsers) -> None:
                               description="Runs every stage of the Llama 2 recipe on the toy world and writes "
                               "report.md, report.json and plots. A rerun skips finished stages.")
     p.add_argument("--preset", default="demo",
-                   help="smoke (about 3 minutes), demo (27 minutes on 2 Intel Xeon cores with AMX, 42 on 2 AMD "
+                   help="smoke (about 3 minutes), demo (27 minutes on 2 Intel Xeon cores with AMX, 37 on 2 AMD "
                    "EPYC cores with AVX-512, 60 with AVX2 only), or a YAML path")
     p.add_argument("--out", default=None, help="run folder (default: the preset's out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
