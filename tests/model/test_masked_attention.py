@@ -102,8 +102,7 @@ def test_bf16_matches_dense_attention_at_bf16_precision(monkeypatch, fast_bf16_a
 
 def test_bf16_runs_the_kernels_in_fp32_where_bf16_attention_is_the_slower():
     """Without AMX (FAST_BF16_ATTENTION false) bf16 inputs are attended in fp32 and only the results rounded:
-    the output is the fp32 computation's, rounded; the gradients differ from it only by the bf16 output the
-    backward reads."""
+    the output is the fp32 computation's, rounded, and so are the gradients, within bf16 rounding."""
     generator = torch.Generator().manual_seed(5)
     mask = block_causal_mask(random_docs(2, 2 * QUERY_TILE + 9, generator))
     q, k, v = (torch.randn(2, 2, mask.shape[-1], 8, generator=generator).bfloat16() for _ in range(3))

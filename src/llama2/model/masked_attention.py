@@ -25,14 +25,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llama2.machine import amx
+
 QUERY_TILE = 128
 """Queries per tile: 64 and 128 measured within 5% of each other."""
 
-FAST_BF16_ATTENTION = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)())
+FAST_BF16_ATTENTION = amx()
 """Whether the CPU's masked flash kernels run bf16 at least as fast as fp32. Without AMX they do not: on a 2-core
 AMD EPYC with AVX-512 and native bf16 (Zen 4), a compiled SFT micro-batch's (8 × 512, bf16 autocast) attention
 backward took 213 ms in bf16 against 84 in fp32, while its matrix products ran 2.2× faster in bf16. The tiles
-in fp32 made the whole micro-batch 1.31× faster there (0.602 → 0.461 s) and a GAtt one (4 × 1024) 1.21×, with
+in fp32 made the whole micro-batch 1.31× faster there (0.602 → 0.461 s) and a GAtt one (4 × 1024) 1.15-1.21×, with
 gradients as close to fp32 training's as before. Pretraining's causal call (no mask) stays in bf16, which
 ran 9% faster there."""
 
@@ -77,16 +79,13 @@ def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention, its log-sum-exp per query, and the tiles' spans (`key_spans`, (tiles, 4)), which the
     backward reuses."""
-    dtype_in = q.dtype
-    dtype = kernel_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out = torch.empty(q.shape, dtype=dtype)
+    out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32)
     spans = key_spans(mask)
-    for queries, span, bias in _tiles(mask, spans, dtype):
+    for queries, span, bias in _tiles(mask, spans, q.dtype):
         out[:, :, queries], lse[:, :, queries] = _flash(
             q[:, :, queries], k[:, :, span], v[:, :, span], attn_mask=bias, scale=scale)
-    return out.to(dtype_in), lse, torch.tensor(spans, dtype=torch.long)
+    return out, lse, torch.tensor(spans, dtype=torch.long)
 
 
 @_tiled_attention.register_fake
@@ -100,19 +99,17 @@ def _(q, k, v, mask, scale):
 def _tiled_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor, spans: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dtype_in, dtype = q.dtype, kernel_dtype(q.dtype)
-    grad, q, k, v, out = (x.to(dtype) for x in (grad, q, k, v, out))
-    dq = torch.empty(q.shape, dtype=dtype)
+    dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.zeros(k.shape, dtype=torch.float32)  # a key in several tiles' spans sums their gradients
     dv = torch.zeros(v.shape, dtype=torch.float32)
-    for queries, span, bias in _tiles(mask, spans.tolist(), dtype):
+    for queries, span, bias in _tiles(mask, spans.tolist(), q.dtype):
         gq, gk, gv = _flash_backward(
             grad[:, :, queries].contiguous(), q[:, :, queries], k[:, :, span], v[:, :, span],
             out[:, :, queries], lse[:, :, queries], 0.0, False, attn_mask=bias, scale=scale)
         dq[:, :, queries] = gq
         dk[:, :, span] += gk
         dv[:, :, span] += gv
-    return dq.to(dtype_in), dk.to(dtype_in), dv.to(dtype_in)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_tiled_attention_backward.register_fake
@@ -147,5 +144,6 @@ def masked_attention(
         if not enable_gqa:
             raise ValueError(f"{heads} query heads over {kv_heads} key-value heads needs enable_gqa=True")
         k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    return _tiled_attention(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+    dtype = kernel_dtype(q.dtype)  # the result comes back in q's dtype; autograd casts the gradients alike
+    out = _tiled_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, q.shape[-1] ** -0.5)[0]
+    return out.to(q.dtype)
