@@ -4,7 +4,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama2 import ModelArgs, Transformer
 from llama2.model.checkpoint import save_hf
-from llama2.model.transformer import RMSNorm
+from llama2.model.transformer import RMSNorm, apply_rope, rope_tables
 
 
 def tiny_args(n_kv_heads: int = 2, **kw) -> ModelArgs:
@@ -55,6 +55,17 @@ def test_rmsnorm_computes_in_fp32():
     ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
     assert norm(x).dtype == torch.bfloat16
     torch.testing.assert_close(norm(x), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_rotate_half_formula_exactly(dtype):
+    """The flip-and-negate form gives bit for bit what Hugging Face's rotate_half (a concatenation) gives,
+    also on the non-contiguous heads view attention passes in."""
+    cos, sin = rope_tables(16, 10, 10000.0)
+    x = torch.randn(2, 10, 3, 16).to(dtype).transpose(1, 2)  # (B, H, T, hd), as attention lays q and k out
+    x1, x2 = x.chunk(2, dim=-1)
+    ref = (x.float() * cos + torch.cat([-x2, x1], dim=-1).float() * sin).to(dtype)
+    assert torch.equal(apply_rope(x, cos, sin), ref)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

@@ -43,9 +43,14 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` (B, H, T, hd) by position; cos/sin are (T, hd), or (B, 1, T, hd) for per-row positions.
-    Pairs are (x[i], x[i + hd/2])."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    Pairs are (x[i], x[i + hd/2]).
+
+    The rotated copy (−x2, x1) is the halves swapped by a flip and the first one negated, not a concatenation:
+    the same values, but a compiled decoding step fuses it into its neighbours, where a concatenation was
+    written out by one thread while the other waited (four such serial copies a layer)."""
+    swapped = x.view(*x.shape[:-1], 2, x.shape[-1] // 2).flip(-2)  # (x2, x1)
+    first = torch.arange(2, device=x.device).view(2, 1) == 0
+    rotated = torch.where(first, -swapped, swapped).flatten(-2)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
