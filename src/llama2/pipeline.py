@@ -35,6 +35,8 @@ from llama2.stages import safety_scaling as scaling_experiment
 from llama2.stages.artifacts import INSTRUCTION_PHASE, model_dir
 from llama2.training.loop import TrainConfig
 
+RL_HELDOUT = "rl_prompts_heldout.jsonl"
+"""The data stage's held-out RL prompts (`data.rl_heldout_prompts`), for PPO's early stopping."""
 
 @dataclass
 class DataSettings:
@@ -66,6 +68,9 @@ class DataSettings:
     rl_prompts: int = 1000
     """Training prompts for rejection sampling and PPO (train-split tasks, a third of them adversarial);
     never the evaluation prompts."""
+    rl_heldout_prompts: int = 0
+    """More prompts of the same kind, drawn apart (`rl_prompts_heldout.jsonl`): PPO's early stopping scores
+    the policy on them (`ppo.early_stopping`) unless it names files of its own. 0: none."""
 
 
 @dataclass
@@ -212,15 +217,19 @@ def run_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         instructions = _instruction_dialogs(cfg, world, phase.dialogs, seed=0)
         instructions += _helpful_dialogs(cfg, world, phase.replay, seed=24)
         write_chat(out / "sft_instructions.jsonl", instructions)
-    # RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
-    # for the reply), tagged for the safety gate (SPEC §8).
-    rl = [_last_turns(d[:-1], 2) for d in world.sft_dialogs(cfg.data.rl_prompts, seed=7, safety_rate=0.35,
-                                                            constraint_rate=0.0)]
-    kinds = ["adversarial" if world.is_adversarial(d) else "helpful" for d in rl]
-    (out / "rl_prompts.jsonl").write_text("".join(dumps({"messages": d, "meta": {"kind": k}}) + "\n"
-                                                  for d, k in zip(rl, kinds, strict=True)))
+    _write_rl_prompts(world, cfg.data.rl_prompts, 7, out / "rl_prompts.jsonl")
+    if cfg.data.rl_heldout_prompts:
+        _write_rl_prompts(world, cfg.data.rl_heldout_prompts, 8, out / RL_HELDOUT)
     tokenizer = train_tokenizer([out / "pretrain.txt"], out / "tokenizer", cfg.data.tokenizer_vocab)
     return {"tokenizer": str(tokenizer), "files": sorted(manifest["files"]), "sft_dialogs": len(dialogs)}
+
+
+def _write_rl_prompts(world, n: int, seed: int, path: Path) -> None:
+    """RL prompts: training-split dialogs cut before their last answer (at most two turns, so they leave room
+    for the reply), tagged for the safety gate (SPEC §8)."""
+    rl = [_last_turns(d[:-1], 2) for d in world.sft_dialogs(n, seed=seed, safety_rate=0.35, constraint_rate=0.0)]
+    kinds = ["adversarial" if world.is_adversarial(d) else "helpful" for d in rl]
+    path.write_text("".join(dumps({"messages": d, "meta": {"kind": k}}) + "\n" for d, k in zip(rl, kinds, strict=True)))
 
 
 def _helpful_dialogs(cfg: PipelineConfig, world, n: int, seed: int, careless_rate: float | None = None) -> list:
@@ -369,7 +378,10 @@ def run_ppo(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     models = replace(cfg.ppo.models, policy=str(model_dir(root / "rejection_sampling" / "sft")),
                      helpfulness_rm=str(root / "reward_helpfulness"), safety_rm=str(root / "reward_safety"),
                      toyworld_seed=cfg.data.seed)
-    stage = replace(cfg.ppo, out_dir=str(out), models=models,
+    stopping = cfg.ppo.early_stopping
+    if cfg.data.rl_heldout_prompts and not stopping.prompts:
+        stopping = replace(stopping, prompts=[str(root / "data" / RL_HELDOUT)])
+    stage = replace(cfg.ppo, out_dir=str(out), models=models, early_stopping=stopping,
                     prompts=replace(cfg.ppo.prompts, files=[str(root / "data" / "rl_prompts.jsonl")]))
     result = ppo.run(stage)
     _stopped_early(result.interrupted, out)

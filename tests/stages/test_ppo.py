@@ -16,6 +16,7 @@ from llama2.data.formats import dumps
 from llama2.model.checkpoint import save_hf
 from llama2.stages import ppo
 from llama2.stages.artifacts import model_dir
+from llama2.training.early_stopping import EarlyStopping
 from llama2.training.parallel import init_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,6 +123,50 @@ def test_tiny_ppo_learns_the_target_token(setup, tmp_path):
         assert key in history[-1]
 
 
+def held_out_prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(dumps({"messages": [{"role": "user", "content": f"Describe the {w}."}],
+                                   "meta": {"kind": "helpful"}}) + "\n" for w in ("owls", "river", "song")))
+    return path
+
+
+def train_only_scorer(parity: int) -> ppo.Scorer:
+    """The parity reward on training prompts, a constant on the held-out ones ("Describe ..."): training
+    moves the policy while its held-out reward never improves."""
+    learn = target_scorer(parity)
+
+    def score(prompts, texts, ids):
+        if prompts[0].dialog[0]["content"].startswith("Describe"):
+            return ppo.Scores(torch.full((len(prompts),), 0.5), None)
+        return learn(prompts, texts, ids)
+
+    return score
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_on_the_start_when_the_held_out_reward_never_rises(setup, tmp_path):
+    policy_dir, prompts_file, _ = setup
+    cfg = config(tmp_path, policy_dir, prompts_file, iterations=8)
+    cfg.optim.lr = 1e-2
+    cfg.early_stopping = EarlyStopping(prompts=[str(held_out_prompts(tmp_path))], every=2, patience=2)
+    result = ppo.run(cfg, scorer=train_only_scorer(0))
+    assert result.iteration == 4  # evaluated at 0 (the best: a tie is no improvement), 2 and 4: stop
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "early_stopping.jsonl").read_text().splitlines()]
+    assert [(e["iteration"], e["best"]) for e in evaluations] == [(0, True), (2, False), (4, False)]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("heldout_reward") for r in history] == [None, 0.5, None, 0.5]
+    assert result.summary["early_stopping"] == {"best_iteration": 0, "best_reward": 0.5, "evaluations": 3,
+                                                "stopped_early": True}
+    start = load_file(str(policy_dir / "model.safetensors"))
+    final = load_file(str(model_dir(tmp_path / "run") / "model.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000003" / "model" / "model.safetensors"))
+    assert not all(torch.equal(start[k], trained[k]) for k in start)
+    assert all(torch.equal(start[k], final[k]) for k in start)  # trained, then given back as it came
+    assert json.loads((result.checkpoint / "trainer.json").read_text())["policy_from"] == 0
+    rerun = ppo.run(cfg, scorer=train_only_scorer(0))  # a finished run stays finished
+    assert rerun.iteration == 4 and rerun.checkpoint == result.checkpoint
+
+
 def test_scores_whitened_per_prompt_reward_beating_the_prompts_other_samples():
     # two prompts, two samples each: the first prompt's samples both score high, the second's both low
     combined = torch.tensor([0.9, 0.7, 0.3, 0.1])
@@ -162,7 +207,10 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_killed_mid_iteration_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
     policy_dir, prompts_file, _ = setup
+    # with held-out evaluations after every iteration: they too replay exactly, and both runs end on the best
+    stopping = EarlyStopping(prompts=[str(held_out_prompts(tmp_path))], every=1, patience=10)
     straight = config(tmp_path / "straight", policy_dir, prompts_file, kl_estimator="k3", iterations=3)
+    straight.early_stopping = stopping
     ppo.run(straight, scorer=target_scorer(1))
 
     def kill(point: str, step: int) -> None:
@@ -171,6 +219,7 @@ def test_killed_mid_iteration_resumes_to_the_same_weights(setup, tmp_path, monke
 
     interrupted = config(tmp_path / "interrupted", policy_dir, prompts_file, kl_estimator="k3", iterations=3)
     straight.checkpoint_every = interrupted.checkpoint_every = 2  # killed in iteration 3, resumed from 2
+    interrupted.early_stopping = stopping
     monkeypatch.setattr(ppo, "maybe_kill", kill)
     with pytest.raises(Killed):
         ppo.run(interrupted, scorer=target_scorer(1))
@@ -189,6 +238,9 @@ def test_killed_mid_iteration_resumes_to_the_same_weights(setup, tmp_path, monke
                 for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()]
 
     assert lines(tmp_path / "straight") == lines(tmp_path / "interrupted")
+    evaluations = [(root / "run" / "early_stopping.jsonl").read_text() for root in (tmp_path / "straight",
+                                                                                   tmp_path / "interrupted")]
+    assert evaluations[0] == evaluations[1] and len(evaluations[0].splitlines()) == 4
 
 
 def test_warnings_flag_negative_kl_runaway_length_and_reward_hacking():
@@ -249,3 +301,4 @@ def test_presets_load_and_name_their_launch_command(preset):
     if preset in ("7b", "70b"):
         assert (cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.optim.lr) == (512, 64, 1e-6)
         assert cfg.ppo.beta == {"7b": 0.01, "70b": 0.005}[preset]
+        assert cfg.early_stopping.enabled  # SPEC §8: early stopping on held-out prompts

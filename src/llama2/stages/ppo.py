@@ -38,7 +38,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -58,6 +58,7 @@ from llama2.stages.reward_models import RewardModel, check_rm_gate, combined_sco
 from llama2.tokenizer.chat_format import encode_dialog
 from llama2.tokenizer.tokenizer import Tokenizer
 from llama2.training.checkpointing import find_resume_point, load_checkpoint, save_checkpoint
+from llama2.training.early_stopping import EarlyStopper, EarlyStopping
 from llama2.training.faults import maybe_kill
 from llama2.training.loop import TrainConfig, build_optimizer
 from llama2.training.parallel import DistEnv, distributed_run
@@ -213,6 +214,9 @@ class Config:
     """The algorithm."""
     optim: Optim = field(default_factory=Optim)
     """The optimizer."""
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    """Early stopping on held-out prompts (SPEC §8); off unless `early_stopping.prompts` names files. The
+    run then ends on the policy with the best held-out reward, the starting one included."""
     device: str = "auto"
     """`auto` (CUDA if available), `cpu` or `cuda`."""
     seed: int = 0
@@ -362,7 +366,7 @@ def prompt_indices(n: int, batch: int, iteration: int, seed: int) -> list[int]:
 
 def _generator(seed: int, iteration: int, purpose: str, device: torch.device) -> torch.Generator:
     """A generator seeded from (seed, iteration, purpose): sampling and shuffles replay exactly on resume."""
-    salt = {"sample": 1, "shuffle": 2}[purpose]
+    salt = {"sample": 1, "shuffle": 2, "heldout": 3}[purpose]
     return torch.Generator(device).manual_seed((seed * 1_000_003 + iteration) * 4 + salt)
 
 
@@ -476,6 +480,25 @@ def generation_parity(generated: Sequence[Sequence[float]], prompts: Sequence[Pr
             diff = (torch.tensor(lp) - logprobs[b, start : start + len(lp)]).abs().max()
             worst = max(worst, float(diff))
     return worst
+
+
+@torch.no_grad()
+def heldout_reward(policy: Transformer, prompts: Sequence[Prompt], tokenizer: Tokenizer, scorer: Scorer,
+                   oracle: Scorer | None, es: EarlyStopping, h: PPOHyper, generator: torch.Generator
+                   ) -> dict[str, float | None]:
+    """Mean R_c (sigmoid scale) of the policy's responses to held-out prompts, as the reward models score
+    them (`reward`), and with a toy world the oracle's `oracle_combined` and its score of each kind of prompt,
+    to see whether the rule picks what the judges would."""
+    responses, _, _ = generate_responses(policy, prompts, tokenizer.eos_id,
+                                         replace(h, temperature=es.temperature, top_p=es.top_p), generator)
+    texts = [tokenizer.decode(r).strip() for r in responses]
+    is_safety = torch.tensor([p.is_safety for p in prompts])
+    out: dict[str, float | None] = {"reward": float(combine(scorer(prompts, texts, responses), is_safety).mean())}
+    if oracle is not None:
+        o = oracle(prompts, texts, responses)
+        out["oracle_combined"] = float(combined_score(o.helpfulness, o.safety, is_safety).mean())
+        out.update(by_prompt_kind("oracle", o.helpfulness, o.safety, is_safety))
+    return out
 
 
 # steps 1-5 -------------------------------------------------------------------------------------------------
@@ -700,11 +723,11 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
 
     panels = [("reward (sigmoid scale)", ["reward_combined", *KIND_KEYS["reward"]]),
               ("toy-world oracle", ["oracle_combined", *KIND_KEYS["oracle"]]),
+              ("held-out reward (early stopping)", ["heldout_reward", "heldout_oracle_combined"]),
               ("KL to π_0 (per sequence)", ["kl"]), ("response length", ["response_length"]),
               ("entropy (per token)", ["entropy"]), ("clip fraction", ["clip_fraction"]),
               ("value loss", ["value_loss"])]
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
-    axes.flat[-1].axis("off")
     its = [r["iteration"] for r in history]
     for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
@@ -846,21 +869,41 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    iteration, last_ckpt = 0, None
+    iteration, last_ckpt, resumed = 0, None, {}
     resume = find_resume_point(ckpt_root, env)
     if resume is not None:
-        iteration = load_checkpoint(resume, env, model, optimizer)["step"]
+        resumed = load_checkpoint(resume, env, model, optimizer)
+        iteration = resumed["step"]
         last_ckpt = resume
         print(f"ppo: resuming from {resume} (iteration {iteration})", file=sys.stderr)
     history = _read_history(metrics_path, iteration)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    es = cfg.early_stopping
+    stopper = EarlyStopper(es, out, iteration) if es.enabled else None
+    heldout = read_prompts(es.prompts, tokenizer, cfg.prompts)[: es.max_prompts] if es.enabled else []
 
-    def save() -> Path:
-        return save_checkpoint(ckpt_root, iteration, env, model, optimizer, {"source": str(source)}, export,
+    def save(**state) -> Path:
+        path = save_checkpoint(ckpt_root, iteration, env, model, optimizer, {"source": str(source), **state}, export,
                                config_yaml, cfg.keep_checkpoints)
+        if stopper is not None:
+            stopper.prune()
+        return path
+
+    def evaluate() -> dict | None:
+        """The held-out evaluation of the policy after `iteration` iterations, when one is due."""
+        if stopper is None or not stopper.due(iteration):
+            return None
+        gen = _generator(cfg.prompts.seed, 0, "heldout", env.device)  # the same draws at every evaluation
+        result = heldout_reward(model.policy, heldout, tokenizer, scorer, oracle, es, h, gen)
+        entry = stopper.record(iteration, result.pop("reward"), model.policy.state_dict(), **result)
+        print(f"ppo: held-out reward {entry['reward']:.4f} at iteration {iteration}"
+              f"{' (best)' if entry['best'] else ''}", file=sys.stderr)
+        return entry
+
+    evaluate()  # the starting policy: a run that never beats it ends on it
 
     # the loop
-    while iteration < h.iterations:
+    while iteration < h.iterations and not (stopper is not None and stopper.stop()):
         t0 = time.perf_counter()
         k = h.samples_per_prompt
         batch = [prompts[i] for i in prompt_indices(len(prompts), h.batch_size // k, iteration, cfg.prompts.seed)
@@ -886,6 +929,10 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
             record["oracle_safety"] = float(o.safety.mean())
             record["oracle_combined"] = float(combined_score(o.helpfulness, o.safety, rollout.is_safety).mean())
             record.update(by_prompt_kind("oracle", o.helpfulness, o.safety, rollout.is_safety))
+        held = evaluate()
+        if held is not None:
+            record["heldout_reward"] = held["reward"]
+            record["heldout_oracle_combined"] = held.get("oracle_combined")
         record["warnings"] = warnings_for(record, history, h, cfg.hacking_window)
         record["seconds_generation"] = rollout.seconds_generation
         record["seconds_rollout"] = t_rollout
@@ -899,12 +946,24 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
         print(f"ppo: iteration {iteration}/{h.iterations} reward {record['reward_combined']:.4f} "
               f"kl {record['kl']:.4f} len {record['response_length']:.1f} {record['seconds']:.1f}s",
               file=sys.stderr)
-        if iteration == h.iterations or (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0):
+        stopping = stopper is not None and stopper.stop()
+        if stopping:
+            print(f"ppo: early stop at iteration {iteration}: no better held-out reward in "
+                  f"{es.patience} evaluations", file=sys.stderr)
+        if iteration == h.iterations or stopping or (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0):
             last_ckpt = save()
         maybe_kill("after_step", iteration)
 
-    # cleanup: summary and curves
+    # cleanup: the best policy, summary and curves
+    best = stopper.best() if stopper is not None else None
+    if best is not None and best["iteration"] != iteration and resumed.get("policy_from") != best["iteration"]:
+        # the run's output is the best held-out policy: the last checkpoint is written again with its weights
+        model.policy.load_state_dict(stopper.best_state())
+        last_ckpt = save(policy_from=best["iteration"])
     summary = summarize(history, cfg) if history else {}
+    if best is not None:
+        summary["early_stopping"] = {"best_iteration": best["iteration"], "best_reward": best["reward"],
+                                     "evaluations": len(stopper.evaluations), "stopped_early": iteration < h.iterations}
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     if history:
         plot_curves(history, out / CURVES)
