@@ -77,6 +77,9 @@ def test_smoke_pipeline_resumes_after_an_interruption_and_reports(tmp_path, monk
     assert [(c["from"], c["to"]) for c in changes] == [*pairwise(saved["models"]), ("sft", "rlhf")]  # RLHF as a whole
     assert all(c["prompts"] == cfg.evaluation.helpful_prompts and c["standard_error"] >= 0 for c in changes)
     assert all(isinstance(saved["ppo"][k], float) for k in ("mean_kl", "reward_start", "reward_end"))
+    stopping = saved["ppo"]["early_stopping"]  # scored on the held-out RL prompts before and after each iteration
+    assert stopping["evaluations"] == cfg.ppo.ppo.iterations + 1 and not stopping["stopped_early"]
+    assert len((tmp_path / "run" / "data" / pipeline.RL_HELDOUT).read_text().splitlines()) == 8
     curves = saved["gatt"]["adherence_by_turn"]
     assert len(curves["with_gatt"]) == len(curves["without_gatt"]) == cfg.evaluation.gatt_turns
     assert set(saved["gatt"]["by_kind"]) == {"with_gatt", "without_gatt"} and saved["gatt"]["by_kind"]["with_gatt"]

@@ -432,6 +432,11 @@ def render_markdown(report: dict[str, Any], models_full: dict[str, dict], plots:
                    if p.get(key + "_start") is not None and p.get(key + "_end") is not None]
         if by_kind:
             lines.append("By the score each kind of prompt is rewarded with: " + "; ".join(by_kind) + ".")
+        if "early_stopping" in p:
+            e = p["early_stopping"]
+            lines.append(f"Early stopping on held-out prompts: {e['evaluations']} evaluations"
+                         f"{', stopped early' if e['stopped_early'] else ''}; the stage's model is the policy after "
+                         f"iteration {e['best_iteration']} (held-out reward {e['best_reward']:.3f}).")
     if "safety_distillation" in report:
         d = report["safety_distillation"]
         medians = ", ".join(f"{k} {v['median']:.3f}" for k, v in d.get("scores", {}).items())
