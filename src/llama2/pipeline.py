@@ -38,6 +38,7 @@ from llama2.training.loop import TrainConfig
 RL_HELDOUT = "rl_prompts_heldout.jsonl"
 """The data stage's held-out RL prompts (`data.rl_heldout_prompts`), for PPO's early stopping."""
 
+
 @dataclass
 class DataSettings:
     """The toy world's files and tokenizer."""

@@ -57,7 +57,7 @@ from llama2.stages.export import hf_exporter
 from llama2.stages.reward_models import RewardModel, check_rm_gate, combined_score, load_reward_model
 from llama2.tokenizer.chat_format import encode_dialog
 from llama2.tokenizer.tokenizer import Tokenizer
-from llama2.training.checkpointing import find_resume_point, load_checkpoint, save_checkpoint
+from llama2.training.checkpointing import find_resume_point, load_checkpoint, save_checkpoint, truncate_log
 from llama2.training.early_stopping import EarlyStopper, EarlyStopping
 from llama2.training.faults import maybe_kill
 from llama2.training.loop import TrainConfig, build_optimizer
@@ -822,13 +822,6 @@ def _optimizer(model: nn.Module, o: Optim) -> torch.optim.AdamW:
                                               weight_decay=o.weight_decay, grad_clip=o.grad_clip))
 
 
-def _read_history(path: Path, upto: int) -> list[dict]:
-    """metrics.jsonl lines of iterations ≤ `upto` (later ones are replayed, and logged again, on resume)."""
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, filter(None, path.read_text().splitlines())) if r["iteration"] <= upto]
-
-
 def run(cfg: Config, scorer: Scorer | None = None) -> PPOResult:
     """Run PPO as configured, resuming if `out_dir` holds a checkpoint. `scorer` replaces the configured
     reward (RMs or oracle) by any function, e.g. a test's toy reward; the oracle metrics still apply."""
@@ -876,8 +869,7 @@ def _run(cfg: Config, scorer: Scorer | None, env: DistEnv) -> PPOResult:
         iteration = resumed["step"]
         last_ckpt = resume
         print(f"ppo: resuming from {resume} (iteration {iteration})", file=sys.stderr)
-    history = _read_history(metrics_path, iteration)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    history = truncate_log(metrics_path, "iteration", iteration)
     es = cfg.early_stopping
     stopper = EarlyStopper(es, out, iteration) if es.enabled else None
     heldout = read_prompts(es.prompts, tokenizer, cfg.prompts)[: es.max_prompts] if es.enabled else []

@@ -74,6 +74,16 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def truncate_log(path: Path, key: str, upto: int) -> list[dict]:
+    """Keep the lines of a jsonl log whose `key` is at most `upto` (the checkpoint resumed from), in place, and
+    return them parsed: later lines are replayed, and logged again, on resume. A missing log is an empty one."""
+    if not path.is_file():
+        return []
+    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)[key] <= upto]
+    path.write_text("".join(ln + "\n" for ln in kept))
+    return [json.loads(ln) for ln in kept]
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama2.training.checkpointing import truncate_log
+
 EVALUATIONS = "early_stopping.jsonl"
 BEST_DIR = "early_stopping"
 
@@ -81,12 +83,7 @@ class EarlyStopper:
         self.path = out_dir / EVALUATIONS
         self.best_dir = out_dir / BEST_DIR
         self.best_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.is_file():
-            kept = [e for e in map(json.loads, filter(None, self.path.read_text().splitlines()))
-                    if e["iteration"] <= resumed_at]
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        self.evaluations: list[dict] = kept
+        self.evaluations: list[dict] = truncate_log(self.path, "iteration", resumed_at)
 
     def due(self, iteration: int) -> bool:
         """Whether the policy after `iteration` iterations is to be evaluated (and has not been)."""

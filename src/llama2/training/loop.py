@@ -41,6 +41,7 @@ from llama2.training.checkpointing import (
     find_resume_point,
     load_checkpoint,
     save_checkpoint,
+    truncate_log,
 )
 from llama2.training.faults import maybe_kill
 from llama2.training.losses import LossFn
@@ -302,10 +303,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop lines logged after the checkpoint: those updates are replayed, and logged again, on resume."""
-        if not self.metrics_path.is_file():
-            return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        truncate_log(self.metrics_path, "step", step)
 
     def _open_tensorboard(self) -> None:
         if not (self.cfg.tensorboard and self.env.is_main):
